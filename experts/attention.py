@@ -1,0 +1,90 @@
+"""Attention over a paged KV cache for a batch that mixes prefill chunks and decode tokens.
+
+The step's T new tokens are laid flat (sequence after sequence). Each sequence b has `q_lens[b]`
+new tokens and, after this step, `kv_lens[b]` tokens of context; its KV rows live in cache slots
+`block_table[b][pos // block_size] * block_size + pos % block_size`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    positions: torch.Tensor     # [T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    gather: torch.Tensor        # [B, K] cache slots of each sequence's context, padded with 0
+    mask: torch.Tensor          # [B, 1, Q, K] bool, True = may attend
+    q_index: torch.Tensor       # [T] index of each new token in the padded [B * Q] layout
+    last_index: torch.Tensor    # [B] index into T of each sequence's last new token
+    batch: int
+    max_q: int
+
+    @staticmethod
+    def build(q_lens: Sequence[int], kv_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int) -> "AttentionBatch":
+        b = len(q_lens)
+        max_q, max_k = max(q_lens), max(kv_lens)
+        positions, slots, q_index, last = [], [], [], []
+        gather = torch.zeros(b, max_k, dtype=torch.long)
+        mask = torch.zeros(b, 1, max_q, max_k, dtype=torch.bool)
+        t = 0
+        for i, (q, k, table) in enumerate(zip(q_lens, kv_lens, block_tables)):
+            assert 0 < q <= k, (q, k)
+            assert len(table) * block_size >= k, (len(table), k)
+            pos = torch.arange(k)
+            ctx_slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+            gather[i, :k] = ctx_slots
+            start = k - q
+            positions.append(pos[start:])
+            slots.append(ctx_slots[start:])
+            q_index.append(torch.arange(q) + i * max_q)
+            # causal: new token j (absolute start + j) sees context 0 ..= start + j
+            mask[i, 0, :q, :k] = pos[None, :] <= (start + torch.arange(q))[:, None]
+            # padded query rows attend to slot 0 only so that softmax stays finite; they are dropped
+            mask[i, 0, q:, 0] = True
+            t += q
+            last.append(t - 1)
+        return AttentionBatch(
+            positions=torch.cat(positions),
+            slot_mapping=torch.cat(slots),
+            gather=gather,
+            mask=mask,
+            q_index=torch.cat(q_index),
+            last_index=torch.tensor(last, dtype=torch.long),
+            batch=b,
+            max_q=max_q,
+        )
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face (rotate-half) layout. x: [T, H, d]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionBatch) -> torch.Tensor:
+    """Write the step's K/V into the cache, then attend. q: [T, Hq, d]; k, v: [T, Hkv, d];
+    caches: [slots, Hkv, d]. Returns [T, Hq, d]."""
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    qp = q.new_zeros(meta.batch * meta.max_q, hq, d)
+    qp[meta.q_index] = q
+    qp = qp.view(meta.batch, meta.max_q, hq, d).transpose(1, 2)          # [B, Hq, Q, d]
+    kp = k_cache[meta.gather].transpose(1, 2)                              # [B, Hkv, K, d]
+    vp = v_cache[meta.gather].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, enable_gqa=hq != hkv)
+    out = out.transpose(1, 2).reshape(meta.batch * meta.max_q, hq, d)
+    return out[meta.q_index]

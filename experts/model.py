@@ -1,0 +1,127 @@
+"""The MoE decoder for every supported family, without the experts themselves.
+
+The engine runs this: embeddings, attention over the paged KV cache, norms, the router, the
+shared expert (Qwen2-MoE) or dense MLPs, and the LM head. At each MoE layer it asks an
+`ExpertBackend` for the routed experts' combined output: whether the experts are local, on one
+worker or on ten is the backend's business (no parallelism in here).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from experts.attention import AttentionBatch, paged_attention, rope
+from experts.spec import ModelSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ExpertBackend(Protocol):
+    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, D], topk_ids [T, A], topk_weights [T, A] -> sum of weighted expert outputs [T, D]."""
+        ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # computed in float32 as the reference implementations do, then cast back
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class KVCache:
+    """K and V rows for every decoder layer: [slots, Hkv, d] each, slots = blocks * block_size."""
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int) -> None:
+        dtype = TORCH_DTYPES[spec.dtype]
+        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+
+class MoEModel:
+    """Weights are the checkpoint's non-expert tensors, by their Hugging Face names."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+        self.spec = spec
+        self.w = weights
+        if spec.tie_embeddings and "lm_head.weight" not in weights:
+            self.w["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        moe = set(spec.moe_layers)
+        self._moe_prefix = {}
+        for layer in range(spec.num_layers):
+            if layer in moe:
+                block = "block_sparse_moe" if spec.family == "mixtral" else "mlp"
+                self._moe_prefix[layer] = f"model.layers.{layer}.{block}"
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionBatch, cache: KVCache,
+                experts: ExpertBackend) -> torch.Tensor:
+        """input_ids [T] -> logits [B, V] of each sequence's last new token."""
+        spec, w = self.spec, self.w
+        h = F.embedding(input_ids, w["model.embed_tokens.weight"])
+        for layer in range(spec.num_layers):
+            p = f"model.layers.{layer}"
+            x = rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
+            h = h + self._attention(layer, x, meta, cache)
+            x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
+            if layer in self._moe_prefix:
+                h = h + self._moe(layer, x, experts)
+            else:
+                h = h + swiglu(x, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
+                               w[f"{p}.mlp.down_proj.weight"])
+        h = rms_norm(h[meta.last_index], w["model.norm.weight"], spec.rms_eps)
+        return F.linear(h, w["lm_head.weight"]).float()
+
+    def _attention(self, layer: int, x: torch.Tensor, meta: AttentionBatch, cache: KVCache) -> torch.Tensor:
+        spec, w = self.spec, self.w
+        p = f"model.layers.{layer}.self_attn"
+        t = x.shape[0]
+        q = F.linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))
+        k = F.linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))
+        v = F.linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))
+        if spec.qk_norm == "full":  # OLMoE: over the whole projection, before the head split
+            q = rms_norm(q, w[f"{p}.q_norm.weight"], spec.rms_eps)
+            k = rms_norm(k, w[f"{p}.k_norm.weight"], spec.rms_eps)
+        if spec.clip_qkv is not None:
+            q, k, v = (z.clamp(-spec.clip_qkv, spec.clip_qkv) for z in (q, k, v))
+        q = q.view(t, spec.num_heads, spec.head_dim)
+        k = k.view(t, spec.num_kv_heads, spec.head_dim)
+        v = v.view(t, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm == "head":  # Qwen3-MoE: per head
+            q = rms_norm(q, w[f"{p}.q_norm.weight"], spec.rms_eps)
+            k = rms_norm(k, w[f"{p}.k_norm.weight"], spec.rms_eps)
+        q = rope(q, meta.positions, spec.rope_theta)
+        k = rope(k, meta.positions, spec.rope_theta)
+        out = paged_attention(q, k, v, cache.k[layer], cache.v[layer], meta)
+        return F.linear(out.reshape(t, -1), w[f"{p}.o_proj.weight"])
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router: x [T, D] -> (topk_ids [T, A], topk_weights [T, A] in x's dtype)."""
+        spec = self.spec
+        logits = F.linear(x, self.w[f"{self._moe_prefix[layer]}.gate.weight"])
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
+        if spec.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_i, top_w.to(x.dtype)
+
+    def _moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
+        top_i, top_w = self.route(layer, x)
+        out = experts(layer, x, top_i, top_w)
+        if self.spec.shared_intermediate:
+            p = f"{self._moe_prefix[layer]}"
+            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
+                            self.w[f"{p}.shared_expert.up_proj.weight"],
+                            self.w[f"{p}.shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+        return out
