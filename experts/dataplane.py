@@ -1,0 +1,161 @@
+"""The exchange between the engine and a worker: one request and one reply per MoE layer per step.
+
+A plain TCP stream with a fixed binary framing (no pickling): the engine sends the rows of hidden
+states a worker needs and its (row, expert, weight) pairs; the worker answers with float32 partial
+sums. TCP_NODELAY keeps each small message from waiting on Nagle's algorithm. One engine link per
+worker; a worker serves any number of links (for example a standby link opened during prepare).
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Callable
+
+import torch
+
+MAGIC = b"EMX1"
+_REQ = struct.Struct("<4sIiiiB")   # magic, seq, layer, rows N, pairs M, dtype code
+_REP = struct.Struct("<4sIBQ")     # magic, seq, status (0 ok, 1 error), payload bytes
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+# (layer, x [N, D], rows [M], expert_ids [M], weights [M]) -> float32 [N, D]
+Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def recv_exact(sock: socket.socket, buf: memoryview) -> None:
+    got = 0
+    while got < len(buf):
+        n = sock.recv_into(buf[got:])
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """sendmsg that finishes a partial send: one syscall in the common case."""
+    views = [memoryview(p).cast("B") for p in parts]
+    sent = sock.sendmsg(views)
+    for v in views:
+        if sent >= len(v):
+            sent -= len(v)
+            continue
+        sock.sendall(v[sent:])
+        sent = 0
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, memoryview]:
+    t = torch.empty(shape, dtype=dtype)
+    return t, memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+class DataPlaneServer:
+    """A worker's side: accept links, answer each request with `compute`."""
+
+    def __init__(self, host: str, hidden: int, compute: Compute) -> None:
+        self.hidden = hidden
+        self.compute = compute
+        self._listener = socket.create_server((host, 0))
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept, name="dataplane-accept", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="dataplane-link", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        head = bytearray(_REQ.size)
+        try:
+            while True:
+                recv_exact(conn, memoryview(head))
+                magic, seq, layer, n, m, code = _REQ.unpack(head)
+                if magic != MAGIC:
+                    raise ConnectionError(f"bad magic {magic!r}")
+                x, xb = _empty((n, self.hidden), CODE_DTYPES[code])
+                meta, mb = _empty((3, m), torch.int32)
+                recv_exact(conn, xb)
+                recv_exact(conn, mb)
+                weights = meta[2].view(torch.float32)
+                try:
+                    out = self.compute(layer, x, meta[0].long(), meta[1].long(), weights)
+                    body = _bytes_of(out.float())
+                    send_parts(conn, [_REP.pack(MAGIC, seq, 0, len(body)), body])
+                except Exception as exc:  # reported to the engine, which raises it there
+                    msg = f"{type(exc).__name__}: {exc}".encode()
+                    conn.sendall(_REP.pack(MAGIC, seq, 1, len(msg)) + msg)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            conn.close()
+            with self._lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+
+class WorkerLink:
+    """The engine's side of one worker: `send` then `recv`, so several workers compute at once."""
+
+    def __init__(self, worker_id: str, address: tuple[str, int], timeout: float = 60.0) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._seq = 0
+
+    def send(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+             weights: torch.Tensor) -> None:
+        self._seq += 1
+        n, m = x.shape[0], rows.shape[0]
+        meta = torch.stack([rows.to(torch.int32), expert_ids.to(torch.int32),
+                            weights.float().view(torch.int32)])
+        head = _REQ.pack(MAGIC, self._seq, layer, n, m, DTYPE_CODES[x.dtype])
+        send_parts(self.sock, [head, _bytes_of(x), _bytes_of(meta)])
+
+    def recv(self, layer: int, rows: int, hidden: int) -> torch.Tensor:
+        head = bytearray(_REP.size)
+        recv_exact(self.sock, memoryview(head))
+        magic, seq, status, size = _REP.unpack(head)
+        if magic != MAGIC or seq != self._seq:
+            raise RuntimeError(f"worker {self.worker_id}: out of step on layer {layer} ({magic!r}, {seq})")
+        if status:
+            msg = bytearray(size)
+            recv_exact(self.sock, memoryview(msg))
+            raise RuntimeError(f"worker {self.worker_id} failed on layer {layer}: {msg.decode()}")
+        out, ob = _empty((rows, hidden), torch.float32)
+        assert size == len(ob), (size, len(ob))
+        recv_exact(self.sock, ob)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,214 @@
+"""The expert worker: one Ray actor per device (per CPU process here) that owns an expert pool.
+
+Its protocol is a few verbs, all called by the controller: `info`, `load` (from the checkpoint),
+`receive` (from a peer: remap on the same node, copy across nodes), `release`, `stats`, `stop`.
+Expert FFNs run on its data-plane thread, fed by the engine's exchange (experts/dataplane.py),
+never through Ray calls. Control calls run on Ray's threads beside it: the slot pool only ever
+gains entries before a commit and loses them after one, so the data plane never sees a slot the
+engine's topology does not use.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from experts.checkpoint import Checkpoint
+from experts.dataplane import DataPlaneServer
+from experts.ffn import run_experts
+from experts.model import TORCH_DTYPES
+from experts.spec import load_spec
+from memory.segments import ExpertSegment, ExpertShape, segment_name
+from memory.slots import SlotPool
+from memory.transfer import TransferClient, TransferServer
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    node_id: str
+    host: str
+    pid: int
+    data_address: tuple[str, int]
+    transfer_address: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One expert a worker must hold before the commit."""
+    layer: int                      # MoE layer index
+    expert: int
+    path: str                       # "remap" | "peer" | "disk"
+    src_segment: str = ""           # the source's segment name (remap, peer)
+    src_address: tuple[str, int] = ("", 0)   # the source's transfer server (peer)
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    worker_id: str
+    bytes_remapped: int
+    bytes_copied: int
+    bytes_loaded: int
+    seconds: float
+    segments: dict[tuple[int, int], str]   # (layer, expert) -> segment name now held
+
+
+class ExpertWorker:
+    """Plain class; the controller wraps it with `ray.remote`. Tests may also run it in-process."""
+
+    def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, host: str,
+                 node_id: str = "", capacity: int = 0, num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
+        self.worker_id = worker_id
+        self.namespace = namespace
+        self.model_dir = model_dir
+        self.spec = load_spec(model_dir, dtype)
+        self.shape = ExpertShape(self.spec.hidden, self.spec.expert_intermediate, TORCH_DTYPES[self.spec.dtype])
+        self.pool = SlotPool(len(self.spec.moe_layers), capacity or self.spec.num_experts)
+        self.node_id = node_id or _ray_node_id()
+        self.host = host
+        self._by_name: dict[str, ExpertSegment] = {}
+        self._checkpoint: Checkpoint | None = None
+        self._tokens = 0
+        self.data = DataPlaneServer(host, self.spec.hidden, self._compute)
+        self.transfer = TransferServer(host, self._segment_bytes)
+        self.transfer.start()
+
+    # -- data plane -------------------------------------------------------------------------
+    def _lookup(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = self.pool.get(layer, expert)
+        return seg.gate_up, seg.down
+
+    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        self._tokens += int(rows.numel())
+        with torch.inference_mode():
+            return run_experts(layer, x, rows, expert_ids, weights, self._lookup)
+
+    def _segment_bytes(self, name: str) -> memoryview | None:
+        seg = self._by_name.get(name)
+        return None if seg is None else seg.buffer()
+
+    # -- control plane ----------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, self.node_id, self.host, os.getpid(), self.data.address,
+                          self.transfer.address)
+
+    def _new_segment(self, layer: int, expert: int) -> ExpertSegment:
+        name = segment_name(self.namespace, layer, expert, self.worker_id)
+        return ExpertSegment.create(name, self.shape)
+
+    def _install(self, layer: int, expert: int, seg: ExpertSegment) -> None:
+        self._by_name[seg.name] = seg
+        self.pool.install(layer, expert, seg)
+
+    def receive(self, items: list[Incoming]) -> ReceiveResult:
+        """Make every item resident. On any failure, undo everything this call added and raise."""
+        t0 = time.perf_counter()
+        counted = {"remap": 0, "peer": 0, "disk": 0}
+        reserved: list[tuple[int, int]] = []
+        made: list[tuple[int, int, ExpertSegment, bool]] = []   # layer, expert, segment, created here
+        clients: dict[tuple[str, int], TransferClient] = {}
+        try:
+            for it in items:
+                self.pool.reserve(it.layer, it.expert)
+                reserved.append((it.layer, it.expert))
+                seg, created = self._obtain(it, clients)
+                made.append((it.layer, it.expert, seg, created))
+                self._install(it.layer, it.expert, seg)
+                counted[it.path] += seg.nbytes
+        except Exception as exc:
+            for layer, expert in reserved:
+                if self._installed(layer, expert):
+                    self.pool.release(layer, expert)
+                else:
+                    self.pool.cancel(layer, expert)
+            for _, _, seg, created in made:
+                self._drop(seg, unlink=created)
+            where = reserved[-1] if reserved else None
+            raise RuntimeError(f"worker {self.worker_id}: receiving {len(items)} experts failed at "
+                               f"(layer, expert) {where}: {exc}") from exc
+        finally:
+            for c in clients.values():
+                c.close()
+        segments = {(layer, expert): seg.name for layer, expert, seg, _ in made}
+        return ReceiveResult(self.worker_id, counted["remap"], counted["peer"], counted["disk"],
+                             time.perf_counter() - t0, segments)
+
+    def _installed(self, layer: int, expert: int) -> bool:
+        return expert in self.pool.experts(layer)
+
+    def _obtain(self, it: Incoming, clients: dict[tuple[str, int], TransferClient]) -> tuple[ExpertSegment, bool]:
+        """The segment for one incoming expert, and whether this worker created it."""
+        if it.path == "remap":   # same node: map the source's bytes, copy nothing
+            return ExpertSegment.attach(it.src_segment, self.shape), False
+        if it.path == "disk":
+            return self._load_from_disk(it.layer, it.expert), True
+        if it.path != "peer":
+            raise ValueError(f"unknown path {it.path!r}")
+        seg = self._new_segment(it.layer, it.expert)
+        try:
+            client = clients.get(it.src_address)
+            if client is None:
+                client = clients[it.src_address] = TransferClient(it.src_address)
+            client.fetch(it.src_segment, seg.buffer())
+        except Exception:
+            self._drop(seg, unlink=True)
+            raise
+        return seg, True
+
+    def _load_from_disk(self, layer: int, expert: int) -> ExpertSegment:
+        if self._checkpoint is None:
+            self._checkpoint = Checkpoint(self.model_dir)
+        gate, up, down = self._checkpoint.expert(self.spec, self.spec.moe_layers[layer], expert)
+        seg = self._new_segment(layer, expert)
+        try:
+            inter = self.spec.expert_intermediate
+            seg.gate_up[:inter].copy_(gate)
+            seg.gate_up[inter:].copy_(up)
+            seg.down.copy_(down)
+        except Exception:
+            self._drop(seg, unlink=True)
+            raise
+        return seg
+
+    def _drop(self, seg: ExpertSegment, unlink: bool) -> None:
+        self._by_name.pop(seg.name, None)
+        seg.close()
+        if unlink:
+            seg.unlink()
+
+    def release(self, items: list[tuple[int, int]], unlink: list[bool]) -> int:
+        """Drop experts the committed topology no longer places here. `unlink[i]`: no other worker
+        on this node maps that segment any more, so its name goes too. Returns bytes released."""
+        freed = 0
+        for (layer, expert), gone in zip(items, unlink):
+            seg = self.pool.release(layer, expert)
+            freed += seg.nbytes
+            self._drop(seg, gone)
+        return freed
+
+    def stats(self) -> dict:
+        return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
+                "slots": self.pool.snapshot()}
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def stop(self) -> None:
+        self.data.stop()
+        self.transfer.stop()
+        for seg in list(self._by_name.values()):
+            seg.close()
+        self._by_name.clear()
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"

@@ -1,0 +1,188 @@
+"""Assembling a server: engine, Ray workers, controller, gRPC, metrics, autoscaler; and its shutdown."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tokenizers import Tokenizer
+
+from experts.checkpoint import Checkpoint
+from experts.model import TORCH_DTYPES, KVCache, MoEModel
+from experts.spec import load_spec
+from memory.kv_blocks import KVBlockTable
+from memory.segments import unlink_namespace
+from server import cluster
+from server.api import elasticmoe_pb2 as pb
+from server.api import elasticmoe_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.controller import ChangeReport, Controller
+from server.engine import Engine, EngineObserver, Request
+from server.frontend import AdminServicer, InferenceServicer
+from server.latency_window import LatencyWindow, RateWindow
+from server.metrics import ServerMetrics
+from server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ServingStats(EngineObserver):
+    """Feeds Prometheus and the rolling windows the autoscaler reads."""
+
+    def __init__(self, metrics: ServerMetrics, window_s: float = 30.0) -> None:
+        self.metrics = metrics
+        self.ttft = LatencyWindow(window_s)
+        self.itl = LatencyWindow(window_s)
+        self.tokens = RateWindow(window_s)
+        self._last_gauges = 0.0
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft.add(ttft_s, time.monotonic())
+
+    def on_token_gap(self, seconds: float) -> None:
+        self.metrics.inter_token(seconds)
+        self.itl.add(seconds, time.monotonic())
+
+    def on_finish(self, req: Request, status: str, completion_tokens: int) -> None:
+        now = time.monotonic()
+        ttft = (req.first_token - req.arrival) if req.first_token is not None else None
+        self.metrics.request_finished(status, duration_s=now - req.arrival, ttft_s=ttft)
+        self.metrics.tokens(prompt=len(req.prompt_ids))
+
+    def on_refused(self, status: str) -> None:
+        self.metrics.request_finished(status)
+
+    def on_step(self, running: int, waiting: int, kv_usage: float, tokens: int) -> None:
+        now = time.monotonic()
+        if tokens:
+            self.metrics.tokens(generated=tokens)
+            self.tokens.add(tokens, now)
+        if now - self._last_gauges > 0.2 or tokens == 0:
+            self._last_gauges = now
+            self.metrics.queue(running, waiting)
+            self.metrics.kv_cache_usage(kv_usage)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.threads)
+        self.spec = load_spec(config.model, config.dtype)
+        self.tokenizer = Tokenizer.from_file(os.path.join(config.model, "tokenizer.json"))
+        self.namespace = uuid.uuid4().hex[:8]
+        self.metrics = ServerMetrics()
+        self.stats = ServingStats(self.metrics)
+        self._scale_lock = threading.Lock()
+        self.grpc_server: grpc.Server | None = None
+        self.controller: Controller | None = None
+        self.autoscaler = None
+        self.started_ray = False
+        self.port = config.port
+        self.metrics_port = config.metrics_port
+
+    def _progress(self, msg: str) -> None:
+        log.info(msg)
+
+    def start(self) -> None:
+        c, spec = self.config, self.spec
+        self._progress(f"loading {spec.family} from {c.model}: {len(spec.moe_layers)} MoE layers x "
+                       f"{spec.num_experts} experts, {spec.dtype}")
+        weights = Checkpoint(c.model).dense_state(TORCH_DTYPES[spec.dtype])
+        model = MoEModel(spec, weights)
+        blocks = KVBlockTable(c.num_blocks, c.block_size)
+        cache = KVCache(spec, c.num_blocks, c.block_size)
+        scheduler = Scheduler(blocks, c.max_waiting, c.max_running, c.max_step_tokens)
+        max_len = min(c.max_model_len or spec.max_position, spec.max_position)
+        self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats)
+        self.engine.start()
+        self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
+        self.controller = Controller(
+            spec, os.path.abspath(c.model), self.namespace, self._commit,
+            cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
+            c.prepare_timeout_s, self._expert_load, c.replicate_hot)
+        self._progress(f"starting {c.workers} expert workers on Ray")
+        self.scale(c.workers)
+        if c.standby:
+            self._progress(f"starting {c.standby} standby workers")
+            self.controller.fill_standby()
+        self._start_grpc()
+        if c.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+        if c.autoscale:
+            self._start_autoscaler(c.autoscale)
+        self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
+
+    def _commit(self, backend) -> None:
+        self.engine.commit(backend, backend.routing.version)
+        self.metrics.topology_version(backend.routing.version)
+        self.metrics.workers(len(backend.routing.workers))
+
+    def _expert_load(self) -> list[list[float]] | None:
+        load = self.engine.expert_load
+        return load.astype(float).tolist() if load.sum() > 0 else None
+
+    def scale(self, num_workers: int) -> ChangeReport:
+        """Change the worker count live; metrics record the outcome either way."""
+        assert self.controller is not None
+        before = len(self.controller.topology.workers) if self.controller.topology else 0
+        direction = "up" if num_workers > before else "down" if num_workers < before else "rebalance"
+        try:
+            report = self.controller.scale(num_workers)
+        except Exception as exc:
+            from server.controller import ScaleRejected
+            if not isinstance(exc, (ScaleRejected, ValueError)):
+                self.metrics.scale_event(direction, "aborted")
+            raise
+        self.metrics.scale_event(report.direction, "committed", report.seconds)
+        for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied), ("disk", report.bytes_loaded)):
+            if n:
+                self.metrics.bytes_moved(path, n)
+        if self.config.standby:
+            threading.Thread(target=self.controller.fill_standby, name="standby", daemon=True).start()
+        return report
+
+    def _start_grpc(self) -> None:
+        c = self.config
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_running + c.max_waiting + 16),
+                             options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine, self.tokenizer, self.stats), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.controller, self.scale), server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+                 pb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC on {c.host}:{c.port}")
+        server.start()
+        for name in ("", *names[:2]):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.grpc_server = server
+
+    def _start_autoscaler(self, path: str) -> None:
+        from server.autoscale_wiring import start_autoscaler
+        self.autoscaler = start_autoscaler(self, path)
+
+    def shutdown(self) -> None:
+        """Stop taking requests, end streams, stop workers and Ray; leave no shared memory behind."""
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+        if self.grpc_server is not None:
+            self.health.enter_graceful_shutdown()
+            self.grpc_server.stop(grace=2).wait()
+        self.engine.stop()
+        if self.controller is not None:
+            self.controller.shutdown()
+        unlink_namespace(self.namespace)
+        self.metrics.stop()
+        if self.started_ray:
+            import ray
+            ray.shutdown()

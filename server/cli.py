@@ -1,0 +1,201 @@
+"""The `elasticmoe` command: serve, demo-model, generate, scale, topology, bench."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import Server
+    from server.config import ServerConfig
+
+    config = ServerConfig(
+        model=args.model, workers=args.workers, host=args.host, port=args.port, metrics_port=args.metrics_port,
+        ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, autoscale=args.autoscale, dtype=args.dtype,
+        kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
+        max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
+        standby=args.standby, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
+        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot)
+    server = Server(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+        print(f"elasticmoe serving {config.model} on {config.host}:{server.port} "
+              f"with {config.workers} expert workers; metrics on :{server.metrics_port}/metrics\n"
+              f"  try: elasticmoe generate \"Once upon a time\" --address {config.host}:{server.port}\n"
+              f"  Ctrl-C stops it.", flush=True)
+        stop.wait()
+    finally:
+        print("elasticmoe: shutting down", flush=True)
+        server.shutdown()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from experts.demo import DemoShape, write_demo_model
+
+    shape = DemoShape(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                      intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,
+                      vocab=args.vocab, dtype=args.dtype)
+    path = write_demo_model(args.dir, args.family, args.seed, shape, progress=lambda m: print(m, flush=True))
+    print(f"wrote a random-weight {args.family} checkpoint to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server.api import elasticmoe_pb2 as pb
+    from server.api import elasticmoe_pb2_grpc as pb_grpc
+
+    params = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        params.seed = args.seed
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        try:
+            last = None
+            for msg in stub.Generate(pb.GenerateRequest(prompt=args.prompt, sampling=params), timeout=args.timeout):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                last = msg
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    reason = pb.FinishReason.Name(last.finish_reason) if last else "?"
+    print(f"\n[{reason}; {last.prompt_tokens if last else 0} prompt + "
+          f"{last.completion_tokens if last else 0} completion tokens]", file=sys.stderr)
+    return 0
+
+
+def _print_topology(topo) -> None:
+    print(f"topology v{topo.version}: {len(topo.workers)} workers, {topo.num_layers} MoE layers x "
+          f"{topo.num_experts} experts")
+    for w in topo.workers:
+        print(f"  {w.worker_id}  node {w.node_id[:12]}")
+        for layer in w.layers:
+            print(f"    layer {layer.layer:3d}: experts {list(layer.experts)}")
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server.api import elasticmoe_pb2 as pb
+    from server.api import elasticmoe_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            if args.cmd == "scale":
+                r = stub.Scale(pb.ScaleRequest(num_workers=args.num_workers), timeout=args.timeout)
+                print(f"committed in {r.duration_seconds:.3f}s: remapped {r.bytes_remapped} B, "
+                      f"copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
+                _print_topology(r.topology)
+            else:
+                _print_topology(stub.GetTopology(pb.GetTopologyRequest(), timeout=args.timeout))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from server.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elasticmoe", description="MoE inference server with live expert scaling")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve a Hugging Face-format MoE checkpoint directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--metrics-port", type=int, default=9400, help="-1 disables the metrics endpoint")
+    s.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    s.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
+    s.add_argument("--autoscale", default=None, help="autoscaling policy YAML")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    s.add_argument("--kv-cache-tokens", type=int, default=16384)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--max-waiting", type=int, default=256)
+    s.add_argument("--max-running", type=int, default=64)
+    s.add_argument("--max-step-tokens", type=int, default=512)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--standby", type=int, default=0, help="warm workers kept ready for scale-up")
+    s.add_argument("--worker-cpus", type=float, default=0.5)
+    s.add_argument("--worker-gpus", type=float, default=0.0)
+    s.add_argument("--slots-per-worker", type=int, default=0)
+    s.add_argument("--replicate-hot", action="store_true")
+    s.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo-model", help="write a small random-weight checkpoint")
+    d.add_argument("dir")
+    d.add_argument("--family", choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"], default="mixtral")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--hidden", type=int, default=512)
+    d.add_argument("--layers", type=int, default=8)
+    d.add_argument("--experts", type=int, default=8)
+    d.add_argument("--top-k", type=int, default=2)
+    d.add_argument("--intermediate", type=int, default=1024)
+    d.add_argument("--heads", type=int, default=8)
+    d.add_argument("--kv-heads", type=int, default=4)
+    d.add_argument("--vocab", type=int, default=2048)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    d.set_defaults(func=_demo)
+
+    g = sub.add_parser("generate", help="stream a completion to the terminal")
+    g.add_argument("prompt")
+    g.add_argument("--address", default="127.0.0.1:50051")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--timeout", type=float, default=300.0)
+    g.set_defaults(func=_generate)
+
+    for name, helptext in (("scale", "change the number of expert workers, live"),
+                           ("topology", "print workers, nodes and their experts")):
+        a = sub.add_parser(name, help=helptext)
+        if name == "scale":
+            a.add_argument("num_workers", type=int)
+        a.add_argument("--address", default="127.0.0.1:50051")
+        a.add_argument("--timeout", type=float, default=600.0)
+        a.set_defaults(func=_admin)
+
+    b = sub.add_parser("bench", help="benchmarks: decode, scaling")
+    b.add_argument("which", choices=["decode", "scaling", "exchange"])
+    b.add_argument("--model", required=True)
+    b.add_argument("--json", default=None, help="write the results as JSON here")
+    b.add_argument("--plot", default=None, help="write a PNG plot here")
+    b.add_argument("--batches", default="1,8,32")
+    b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--no-transformers", action="store_true")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:   # bad input from the command line: say so, no traceback
+        print(f"elasticmoe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Ray: joining or starting a cluster, starting expert worker actors, and what the cluster can hold."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from experts.worker import ExpertWorker, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    cpus: float = 0.5
+    gpus: float = 0.0
+
+    def missing_for(self, count: int, available: dict[str, float]) -> str | None:
+        """None when `count` more workers fit in `available`, else what is missing."""
+        need = {"CPU": self.cpus * count, "GPU": self.gpus * count}
+        short = [f"{need[k] - available.get(k, 0.0):g} {k}" for k in need
+                 if need[k] > 0 and available.get(k, 0.0) + 1e-9 < need[k]]
+        if not short:
+            return None
+        have = ", ".join(f"{available.get(k, 0.0):g} {k}" for k in need if need[k] > 0)
+        return f"{count} more workers need {self.cpus * count:g} CPU/{self.gpus * count:g} GPU; " \
+               f"the Ray cluster has {have} free; missing {' and '.join(short)}"
+
+
+def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "127.0.0.1") -> bool:
+    """Join the cluster at `address`, or start an embedded one. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        return False
+    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
+             _node_ip_address=node_ip, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def node_ip() -> str:
+    return ray.util.get_node_ip_address()
+
+
+@ray.remote
+class _RayWorker(ExpertWorker):
+    """ExpertWorker as an actor; binds its sockets on its Ray node's address."""
+
+    def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, capacity: int) -> None:
+        super().__init__(worker_id, namespace, model_dir, dtype, host=ray.util.get_node_ip_address(),
+                         node_id=ray.get_runtime_context().get_node_id(), capacity=capacity)
+
+
+def start_worker(worker_id: str, namespace: str, model_dir: str, dtype: str, capacity: int,
+                 resources: WorkerResources) -> "ray.actor.ActorHandle":
+    """Start one worker actor (asynchronously: call `info` to wait for it)."""
+    return _RayWorker.options(
+        name=f"{namespace}-{worker_id}",
+        num_cpus=resources.cpus,
+        num_gpus=resources.gpus,
+        max_concurrency=4,          # control calls run beside each other; the data plane has its own threads
+        scheduling_strategy="SPREAD",
+        max_restarts=0,
+    ).remote(worker_id, namespace, model_dir, dtype, capacity)
+
+
+def available() -> dict[str, float]:
+    return {k: float(v) for k, v in ray.available_resources().items()}
+
+
+def request_resources(num_workers: int, resources: WorkerResources) -> None:
+    """Ask Ray's autoscaler for enough nodes to place `num_workers` workers."""
+    from ray.autoscaler.sdk import request_resources as ask
+
+    bundle = {"CPU": resources.cpus} | ({"GPU": resources.gpus} if resources.gpus else {})
+    ask(bundles=[bundle] * num_workers)
+
+
+def info_of(handles: list, timeout: float) -> list[WorkerInfo]:
+    return ray.get([h.info.remote() for h in handles], timeout=timeout)

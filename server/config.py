@@ -1,0 +1,53 @@
+"""The server's one frozen config, built once from the command line."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    workers: int = 2
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None       # embedded Ray only
+    autoscale: str | None = None          # policy YAML
+    dtype: str | None = None              # None = the checkpoint's own
+    kv_cache_tokens: int = 16384
+    block_size: int = 16
+    max_waiting: int = 256
+    max_running: int = 64
+    max_step_tokens: int = 512            # prefill chunk budget per engine step
+    max_model_len: int | None = None      # None = the model's max_position_embeddings
+    standby: int = 0
+    worker_cpus: float = 0.5
+    worker_gpus: float = 0.0
+    slots_per_worker: int = 0             # 0 = as many as the model has experts per layer
+    replicate_hot: bool = False
+    prepare_timeout_s: float = 300.0
+    threads: int = 1                      # torch threads of the engine process
+
+    def __post_init__(self) -> None:
+        if not Path(self.model).is_dir():
+            raise ValueError(f"--model {self.model!r} is not a directory")
+        checks = {
+            "workers": self.workers >= 1, "port": 0 <= self.port < 65536,
+            "metrics_port": -1 <= self.metrics_port < 65536, "kv_cache_tokens": self.kv_cache_tokens >= self.block_size,
+            "block_size": self.block_size >= 1, "max_waiting": self.max_waiting >= 0,
+            "max_running": self.max_running >= 1, "max_step_tokens": self.max_step_tokens >= 1,
+            "standby": self.standby >= 0, "worker_cpus": self.worker_cpus >= 0, "worker_gpus": self.worker_gpus >= 0,
+            "slots_per_worker": self.slots_per_worker >= 0, "threads": self.threads >= 1,
+            "prepare_timeout_s": self.prepare_timeout_s > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r} must be float32 or bfloat16")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size

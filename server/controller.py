@@ -1,0 +1,285 @@
+"""The controller: sole owner of the topology. Every change (scale up, scale down, rebalance) runs
+the same four steps under one lock:
+
+1. plan     — experts/planner.py, a pure function: current placement -> new placement + moves.
+2. prepare  — while the old topology serves: start (or take standby) workers, each receiver
+              reserves slots and gets its experts (remap on one node, peer copy across nodes,
+              disk only when no live copy exists). Nothing the old topology uses is touched.
+              Any failure aborts: what was added is undone and the old topology serves on.
+3. commit   — the engine swaps to the new version between two steps.
+4. release  — slots and workers the new version does not use are freed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+
+from experts.dataplane import WorkerLink
+from experts.planner import Placement, Plan, plan_placement
+from experts.spec import ModelSpec
+from experts.worker import Incoming, ReceiveResult, WorkerInfo
+from server import cluster
+from server.cluster import WorkerResources
+from server.exchange import RemoteExperts, Routing
+
+log = logging.getLogger(__name__)
+
+
+class ScaleRejected(Exception):
+    """A change that cannot start now (one is running, or the cluster cannot hold the target)."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    version: int
+    placement: Placement
+    workers: dict[str, WorkerInfo]
+    segments: dict[tuple[str, int, int], str]   # (worker, MoE layer, expert) -> segment name
+
+
+@dataclass
+class ChangeReport:
+    direction: str                  # up | down | rebalance
+    topology: Topology
+    seconds: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)   # plan, start, transfer, commit, release
+    bytes_remapped: int = 0
+    bytes_copied: int = 0
+    bytes_loaded: int = 0
+
+
+@dataclass
+class _Live:
+    handle: object
+    info: WorkerInfo
+
+
+class Controller:
+    def __init__(self, spec: ModelSpec, model_dir: str, namespace: str, engine_commit: Callable[[RemoteExperts], None],
+                 resources: WorkerResources = WorkerResources(), slots_per_worker: int = 0,
+                 standby: int = 0, prepare_timeout: float = 300.0,
+                 expert_load: Callable[[], list[list[float]] | None] = lambda: None,
+                 replicate_hot: bool = False) -> None:
+        self.spec = spec
+        self.model_dir = model_dir
+        self.namespace = namespace
+        self.engine_commit = engine_commit
+        self.resources = resources
+        self.slots = slots_per_worker or spec.num_experts
+        self.standby_target = standby
+        self.prepare_timeout = prepare_timeout
+        self.expert_load = expert_load
+        self.replicate_hot = replicate_hot
+        self.topology: Topology | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._live: dict[str, _Live] = {}
+        self._standby: list[_Live] = []
+        self._standby_lock = threading.Lock()
+        self._standby_starting = 0
+        self._links: dict[str, WorkerLink] = {}
+
+    # -- workers --------------------------------------------------------------------------
+    def _start_workers(self, count: int, use_standby: bool = True) -> list[_Live]:
+        """Take warm standby workers first, then start new ones and wait until they answer."""
+        taken: list[_Live] = []
+        if use_standby:
+            with self._standby_lock:
+                taken, self._standby = self._standby[:count], self._standby[count:]
+        ids = [f"w{next(self._ids)}" for _ in range(count - len(taken))]
+        handles = [cluster.start_worker(i, self.namespace, self.model_dir, self.spec.dtype, self.slots,
+                                        self.resources) for i in ids]
+        try:
+            infos = cluster.info_of(handles, timeout=self.prepare_timeout)
+        except Exception:
+            for h in handles:
+                ray.kill(h)
+            with self._standby_lock:
+                self._standby = taken + self._standby
+            raise
+        return taken + [_Live(h, i) for h, i in zip(handles, infos)]
+
+    def fill_standby(self) -> None:
+        """Start workers until `standby` warm ones wait (runs beside serving, off the change lock)."""
+        with self._standby_lock:
+            missing = self.standby_target - len(self._standby) - self._standby_starting
+            self._standby_starting += max(0, missing)
+        if missing <= 0:
+            return
+        try:
+            fresh = self._start_workers(missing, use_standby=False)
+        finally:
+            with self._standby_lock:
+                self._standby_starting -= missing
+        with self._standby_lock:
+            self._standby.extend(fresh)
+        log.info("%d standby workers ready", len(self._standby))
+
+    def standby_count(self) -> int:
+        with self._standby_lock:
+            return len(self._standby)
+
+    def check_capacity(self, num_workers: int) -> str | None:
+        current = len(self._live)
+        extra = max(0, num_workers - current - len(self._standby))
+        return self.resources.missing_for(extra, cluster.available()) if extra else None
+
+    # -- one change -----------------------------------------------------------------------
+    def scale(self, num_workers: int) -> ChangeReport:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if not self._lock.acquire(blocking=False):
+            raise ScaleRejected("a change of topology is already running")
+        try:
+            missing = self.check_capacity(num_workers)
+            if missing:
+                raise ScaleRejected(missing)
+            return self._change(num_workers)
+        finally:
+            self._lock.release()
+
+    def _change(self, num_workers: int) -> ChangeReport:
+        t0 = time.perf_counter()
+        old = self.topology
+        current_ids = list(old.workers) if old else []
+        direction = "up" if num_workers > len(current_ids) else "down" if num_workers < len(current_ids) else "rebalance"
+        parts: dict[str, float] = {}
+        joining = self._start_workers(max(0, num_workers - len(current_ids)))
+        parts["start"] = time.perf_counter() - t0
+        target = current_ids[:num_workers] + [j.info.worker_id for j in joining]
+        infos = {w: self._live[w].info for w in current_ids} | {j.info.worker_id: j.info for j in joining}
+        t1 = time.perf_counter()
+        plan = plan_placement(old.placement if old else None, target, {w: i.node_id for w, i in infos.items()},
+                              len(self.spec.moe_layers), self.spec.num_experts, self.slots,
+                              load=self.expert_load(), replicate_hot=self.replicate_hot)
+        parts["plan"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        handles = {w: self._live[w].handle for w in current_ids} | {j.info.worker_id: j.handle for j in joining}
+        results = self._prepare(plan, old, infos, handles, joining)
+        parts["transfer"] = time.perf_counter() - t2
+        segments = dict(old.segments) if old else {}
+        for res in results:
+            for (layer, expert), name in res.segments.items():
+                segments[(res.worker_id, layer, expert)] = name
+        new = Topology((old.version if old else 0) + 1, plan.placement, {w: infos[w] for w in target}, {
+            k: v for k, v in segments.items() if k[0] in target and k[2] in plan.placement.held_by(k[0])[k[1]]})
+        t3 = time.perf_counter()
+        for j in joining:
+            self._live[j.info.worker_id] = j
+        self.engine_commit(self._backend(new))
+        self.topology = new
+        parts["commit"] = time.perf_counter() - t3
+        t4 = time.perf_counter()
+        self._release(plan, segments, new, [w for w in current_ids if w not in target])
+        parts["release"] = time.perf_counter() - t4
+        report = ChangeReport(direction, new, time.perf_counter() - t0, parts,
+                              sum(r.bytes_remapped for r in results), sum(r.bytes_copied for r in results),
+                              sum(r.bytes_loaded for r in results))
+        log.info("topology v%d committed: %s to %d workers in %.2fs (%s); remapped %d B, copied %d B, loaded %d B",
+                 new.version, direction, num_workers, report.seconds,
+                 ", ".join(f"{k} {v:.3f}s" for k, v in parts.items()), report.bytes_remapped,
+                 report.bytes_copied, report.bytes_loaded)
+        return report
+
+    def _prepare(self, plan: Plan, old: Topology | None, infos: dict[str, WorkerInfo], handles: dict,
+                 joining: list[_Live]) -> list[ReceiveResult]:
+        by_dst: dict[str, list[Incoming]] = {}
+        for m in plan.moves:
+            if m.src is None:
+                item = Incoming(m.layer, m.expert, "disk")
+            else:
+                assert old is not None
+                name = old.segments[(m.src, m.layer, m.expert)]
+                path = "remap" if m.same_node else "peer"
+                item = Incoming(m.layer, m.expert, path, name, infos[m.src].transfer_address)
+            by_dst.setdefault(m.dst, []).append(item)
+        refs = {w: handles[w].receive.remote(items) for w, items in by_dst.items()}
+        results: list[ReceiveResult] = []
+        failure: Exception | None = None
+        for w, ref in refs.items():
+            try:
+                results.append(ray.get(ref, timeout=self.prepare_timeout))
+            except Exception as exc:  # a dead worker, a failed transfer, a timeout
+                failure = failure or RuntimeError(f"prepare failed on worker {w}: {exc}")
+        if failure is None:
+            try:
+                for j in joining:
+                    self._links[j.info.worker_id] = WorkerLink(j.info.worker_id, j.info.data_address)
+            except Exception as exc:
+                failure = RuntimeError(f"cannot open the data plane to a new worker: {exc}")
+        if failure is not None:
+            self._abort(results, handles, joining)
+            raise failure
+        return results
+
+    def _abort(self, results: list[ReceiveResult], handles: dict, joining: list[_Live]) -> None:
+        """Undo a prepare: drop what receivers got, stop the workers started for it."""
+        joined = {j.info.worker_id for j in joining}
+        for res in results:
+            if res.worker_id in joined:
+                continue
+            items = list(res.segments)
+            created = [f"-{res.worker_id}-" in name for name in res.segments.values()]
+            try:
+                ray.get(handles[res.worker_id].release.remote(items, created), timeout=60)
+            except Exception as exc:
+                log.error("abort: worker %s could not release %d experts: %s", res.worker_id, len(items), exc)
+        for j in joining:
+            link = self._links.pop(j.info.worker_id, None)
+            if link:
+                link.close()
+            self._stop(j)
+        log.warning("change of topology aborted; the old topology serves on")
+
+    def _backend(self, topo: Topology) -> RemoteExperts:
+        p = topo.placement
+        routing = Routing.build(topo.version, p.workers, [p.held_by(w) for w in p.workers],
+                                len(self.spec.moe_layers), self.spec.num_experts)
+        return RemoteExperts(routing, self._links, self.spec.moe_index, self.spec.hidden)
+
+    def _release(self, plan: Plan, segments: dict[tuple[str, int, int], str], new: Topology,
+                 leaving: list[str]) -> None:
+        """Free what the committed version does not use. A segment's name is unlinked by the last
+        worker on its node to let go of it (a remapping peer may outlive the worker that made it)."""
+        in_use = set(new.segments.values())
+        by_worker: dict[str, list[tuple[int, int]]] = {}
+        for w, layer, expert in plan.releases:
+            by_worker.setdefault(w, []).append((layer, expert))
+        for w in leaving:   # everything a leaving worker holds goes, whatever the plan listed
+            by_worker[w] = [(l, e) for (ww, l, e) in segments if ww == w]
+        refs = [self._live[w].handle.release.remote(items, [segments[(w, l, e)] not in in_use for l, e in items])
+                for w, items in by_worker.items() if items]
+        ray.get(refs, timeout=120)
+        for w in leaving:
+            live = self._live.pop(w)
+            link = self._links.pop(w, None)
+            if link:
+                link.close()
+            with self._standby_lock:
+                keep = len(self._standby) < self.standby_target
+                if keep:
+                    self._standby.append(live)   # empty now: a warm worker for the next scale-up
+            if not keep:
+                self._stop(live)
+
+    def _stop(self, live: _Live) -> None:
+        try:
+            ray.get(live.handle.stop.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(live.handle)
+
+    def shutdown(self) -> None:
+        for live in list(self._live.values()) + self._standby:
+            self._stop(live)
+        for link in self._links.values():
+            link.close()
+        self._live.clear()
+        self._standby.clear()
+        self._links.clear()

@@ -1,0 +1,241 @@
+"""The engine loop: one thread that runs steps of the continuously batched model.
+
+Everything that changes engine state arrives through its inbox (new requests, cancels, a new
+topology) and is applied between two steps, so a step always runs against one topology version
+and one consistent batch. Outputs go to each request's own queue, read by the gRPC servicer.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from experts.attention import AttentionBatch
+from experts.model import ExpertBackend, KVCache, MoEModel
+from memory.kv_blocks import KVBlockTable
+from server.detokenize import IncrementalDetokenizer
+from server.sampling import Sampler, SamplingParams
+from server.scheduler import QueueFull, Scheduled, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Output:
+    token_ids: list[int]
+    text: str
+    finish: str | None = None        # "length" | "stop" | "eos" | "error" | "cancelled"
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    outputs: "queue.SimpleQueue[Output]" = field(default_factory=queue.SimpleQueue)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    completion: int = 0
+
+
+class EngineObserver:
+    """What the engine reports as it runs; server/metrics.py and the autoscaler listen."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+    def on_token_gap(self, seconds: float) -> None: ...
+    def on_finish(self, req: Request, status: str, completion_tokens: int) -> None: ...
+    def on_step(self, running: int, waiting: int, kv_usage: float, tokens: int) -> None: ...
+
+
+class Engine:
+    def __init__(self, model: MoEModel, tokenizer, blocks: KVBlockTable, cache: KVCache, scheduler: Scheduler,
+                 max_model_len: int, observer: EngineObserver | None = None) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.tokenizer = tokenizer
+        self.blocks = blocks
+        self.cache = cache
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+        self.observer = observer or EngineObserver()
+        self.backend: ExpertBackend | None = None
+        self.version = 0
+        self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._pending_lock = threading.Lock()
+        self._pending_count = 0          # requests submitted but not yet taken from the inbox
+        self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
+        self.steps = 0
+
+    # -- called from other threads --------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the field when the request can never be served."""
+        if not prompt_ids:
+            raise ValueError("prompt: must not be empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {self.spec.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"sampling.max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_model_len}")
+        seq = Sequence("", prompt_ids, params.max_tokens)
+        if not self.scheduler.fits_ever(seq):
+            cap = self.blocks.num_blocks * self.blocks.block_size
+            raise ValueError(f"sampling.max_tokens: prompt + max_tokens = {total} tokens exceeds the KV cache "
+                             f"({cap} tokens)")
+
+    def submit(self, req: Request) -> None:
+        """Queue a validated request; QueueFull when the waiting queue is at its limit."""
+        self.validate(req.prompt_ids, req.params)
+        with self._pending_lock:
+            if self.scheduler.num_waiting + self._pending_count >= self.scheduler.max_waiting:
+                raise QueueFull(f"{self.scheduler.max_waiting} requests already waiting")
+            self._pending_count += 1
+        self._inbox.put(("add", req))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def commit(self, backend: ExpertBackend, version: int, timeout: float = 60.0) -> None:
+        """Switch to a new topology between two steps; returns once no step uses the old one."""
+        done = threading.Event()
+        self._inbox.put(("commit", (backend, version, done)))
+        self._wake.set()
+        if not done.wait(timeout):
+            raise RuntimeError(f"engine did not take topology v{version} within {timeout}s")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        for req in list(self._requests.values()):
+            self._end(req, "error", error="server shutting down")
+
+    def counts(self) -> tuple[int, int]:
+        return self.scheduler.num_running, self.scheduler.num_waiting + self._pending_count
+
+    # -- the loop -------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                req = item
+                with self._pending_lock:
+                    self._pending_count -= 1
+                self._requests[req.request_id] = req
+                self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params.stop)
+                self._samplers[req.request_id] = Sampler(req.params)
+                self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
+            elif kind == "cancel":
+                req = self._requests.get(item)
+                if req is not None:
+                    self.scheduler.cancel(item)
+                    self._end(req, "cancelled")
+            elif kind == "commit":
+                backend, version, done = item
+                self.backend, self.version = backend, version
+                done.set()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._drain_inbox()
+            plan = self.scheduler.schedule() if self.backend is not None else []
+            if not plan:
+                self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting,
+                                      self.blocks.usage, 0)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._step(plan)
+            except Exception as exc:  # a step that cannot run fails its requests, not the server
+                log.exception("engine step failed")
+                for item in plan:
+                    self.scheduler.finish(item.seq.seq_id)
+                    req = self._requests.get(item.seq.seq_id)
+                    if req is not None:
+                        self._end(req, "error", error=f"engine step failed: {exc}")
+
+    def _step(self, plan: list[Scheduled]) -> None:
+        ids, q_lens, kv_lens, tables = [], [], [], []
+        for item in plan:
+            ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
+            q_lens.append(item.num_tokens)
+            kv_lens.append(item.start + item.num_tokens)
+            tables.append(self.blocks.blocks(item.seq.seq_id))
+        meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
+        backend = self.backend
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), meta, self.cache, backend)
+        counts = getattr(backend, "expert_counts", None)
+        if counts:
+            for layer, c in counts.items():
+                self.expert_load[layer] += c.numpy()
+        self.steps += 1
+        now = time.monotonic()
+        generated = 0
+        for i, item in enumerate(plan):
+            token = self._samplers[item.seq.seq_id](logits[i]) if item.samples else None
+            self.scheduler.advance(item, token)
+            if token is not None:
+                generated += 1
+                self._emit(self._requests[item.seq.seq_id], item.seq, token, now)
+        self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.blocks.usage, generated)
+
+    def _emit(self, req: Request, seq: Sequence, token: int, now: float) -> None:
+        if req.first_token is None:
+            req.first_token = now
+            self.observer.on_first_token(now - req.arrival)
+        else:
+            self.observer.on_token_gap(now - (req.last_token or now))
+        req.last_token = now
+        req.completion += 1
+        detok = self._detok[req.request_id]
+        p = req.params
+        if not p.ignore_eos and token in self.spec.eos_token_ids:
+            self._end(req, "eos", [token], detok.flush())
+            return
+        text = detok.add(token)
+        if detok.stopped:
+            self._end(req, "stop", [token], text)
+        elif len(seq.output) >= p.max_tokens:
+            self._end(req, "length", [token], text + detok.flush())
+        else:
+            req.outputs.put(Output([token], text))
+
+    def _end(self, req: Request, finish: str, tokens: list[int] | None = None, text: str = "",
+             error: str = "") -> None:
+        """Close a request's stream (exactly once) with its last message, and free what it held."""
+        if self._requests.pop(req.request_id, None) is None:
+            return
+        self.scheduler.finish(req.request_id)
+        self._detok.pop(req.request_id, None)
+        self._samplers.pop(req.request_id, None)
+        req.outputs.put(Output(tokens or [], text, finish=finish, error=error,
+                               prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion))
+        status = {"length": "ok", "stop": "ok", "eos": "ok"}.get(finish, finish)
+        self.observer.on_finish(req, status, req.completion)
