@@ -1,0 +1,76 @@
+"""Our tokens equal transformers' greedy tokens, for every family, at 1, 2 and 3 workers, through
+real gRPC and real Ray workers; and one forward pass's float32 logits match within 1e-4."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from experts.attention import AttentionBatch
+from experts.checkpoint import Checkpoint
+from experts.ffn import LocalExperts
+from experts.model import KVCache, MoEModel
+from experts.spec import load_spec
+from tests.conftest import FAMILIES, generate, running_server
+
+PROMPTS = ([5, 17, 33], [100, 7, 9, 11, 250, 3, 44, 61, 8, 19, 27], list(range(40, 90)))
+NEW_TOKENS = 32
+
+
+def hf_greedy(model_dir, prompt: list[int]) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # like our ignore_eos: EOS is an ordinary token (min_new_tokens would mask it out instead)
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + NEW_TOKENS
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(tiny_models, family):
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_models[family]
+    spec = load_spec(d)
+    ck = Checkpoint(d)
+    model = MoEModel(spec, ck.dense_state(torch.float32))
+
+    def lookup(layer, e):
+        gate, up, down = ck.expert(spec, spec.moe_layers[layer], e)
+        return torch.cat([gate, up]), down
+
+    moe = spec.moe_index
+    backend = LocalExperts(lookup)
+    experts = lambda layer, *a: backend(moe[layer], *a)  # noqa: E731  (decoder layer -> MoE index)
+    prompt = PROMPTS[1]
+    cache = KVCache(spec, num_blocks=8, block_size=4)
+    meta = AttentionBatch.build([len(prompt)], [len(prompt)], [[3, 1, 6, 0]], 4)  # scattered blocks
+    ours = model.forward(torch.tensor(prompt), meta, cache, experts)[0]
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_match_transformers_at_1_2_3_workers(tiny_models, ray_local, family):
+    d = tiny_models[family]
+    expected = [hf_greedy(d, p) for p in PROMPTS]
+    with running_server(d, workers=1) as server:
+        for workers in (1, 2, 3):
+            if workers > 1:
+                server.scale(workers)
+            assert len(server.controller.topology.workers) == workers
+            for prompt, want in zip(PROMPTS, expected):
+                got, _, last = generate(server.channel, prompt, max_tokens=NEW_TOKENS, ignore_eos=True)
+                assert got == want, f"{family} at {workers} workers, prompt of {len(prompt)}"
+                assert last.completion_tokens == NEW_TOKENS and last.prompt_tokens == len(prompt)
+        # concurrent requests get the same tokens as each alone
+        with ThreadPoolExecutor(6) as pool:
+            futs = [pool.submit(generate, server.channel, p, max_tokens=NEW_TOKENS, ignore_eos=True)
+                    for p in PROMPTS * 2]
+            for fut, want in zip(futs, expected * 2):
+                assert fut.result()[0] == want
