@@ -40,13 +40,13 @@ class IncrementalDetokenizer:
             self.text += new
             return new
         pending = self._held + new
-        for s in self.stop:
-            at = pending.find(s)
-            if at >= 0:
-                self.stopped = True
-                out, self._held = pending[:at], ""
-                self.text += out
-                return out
+        # the stop string that begins first cuts, whatever its place in the list
+        hits = [at for at in (pending.find(s) for s in self.stop) if at >= 0]
+        if hits:
+            self.stopped = True
+            out, self._held = pending[:min(hits)], ""
+            self.text += out
+            return out
         # keep back the longest tail that could still grow into a stop string
         keep = 0
         for s in self.stop:
