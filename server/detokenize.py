@@ -59,7 +59,15 @@ class IncrementalDetokenizer:
         return out
 
     def flush(self) -> str:
-        """At the end of the stream: text held back for a possible stop string that never came."""
-        out, self._held = self._held, ""
-        self.text += out
-        return out
+        """At the end of the stream: all text still held back, so that the stream's text equals the
+        decode of its tokens. That is the bytes of a character that never completed (as decode gives
+        them, U+FFFD) and a tail kept for a possible stop string that never came."""
+        out = ""
+        if self.read_offset < len(self.ids) and not self.stopped:
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+            full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+            self.prefix_offset = self.read_offset = len(self.ids)
+            out = self._release(full[len(prefix):])   # may still complete a stop string
+        held, self._held = self._held, ""
+        self.text += held
+        return out + held
