@@ -1,0 +1,210 @@
+"""Peer copy of segments over TCP: exact values across processes, failures that end bounded."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+from memory.segments import ExpertSegment, ExpertShape, segment_name
+from memory.transfer import TransferClient, TransferServer, fetch
+from tests.test_segments import SMALL, SPAWN, _recv, expert_weights, fill, holds, namespace  # noqa: F401
+
+LOOPBACK = "127.0.0.1"
+BIG = ExpertShape(4096, 4352, torch.float32)  # 3 * 4096 * 4352 * 4 B = 214 MB
+EXPERTS = [(0, 0), (0, 3), (2, 1)]
+
+
+def _serve_child(conn, namespace: str) -> None:
+    """A peer worker: creates experts that name themselves, serves them until told to stop."""
+    segs = {}
+    for dtype, shape in SMALL.items():
+        for layer, e in EXPERTS:
+            seg = ExpertSegment.create(segment_name(namespace, layer, e, f"src_{str(dtype)[6:]}"), shape)
+            fill(seg, layer, e)
+            segs[seg.name] = seg
+    big = ExpertSegment.create(segment_name(namespace, 9, 9, "src_big"), BIG)
+    big.gate_up.fill_(9.5)
+    big.down.copy_(torch.arange(BIG.down_numel, dtype=torch.float32).view_as(big.down))
+    segs[big.name] = big
+    server = TransferServer(LOOPBACK, lambda name: segs[name].buffer() if name in segs else None)
+    conn.send((server.start(), list(segs)))
+    _recv(conn, timeout=120)
+    server.stop()
+    for seg in segs.values():
+        seg.close()
+        seg.unlink()
+    conn.send("stopped")
+
+
+def test_fetch_across_processes(namespace, capsys):
+    parent, child_end = SPAWN.Pipe()
+    child = SPAWN.Process(target=_serve_child, args=(child_end, namespace))
+    child.start()
+    try:
+        address, names = _recv(parent)
+        route = f"{address[0]}:{address[1]} -> local"
+        with TransferClient(address) as client:  # one connection, several fetches in sequence
+            for dtype, shape in SMALL.items():
+                for layer, e in EXPERTS:
+                    src = segment_name(namespace, layer, e, f"src_{str(dtype)[6:]}")
+                    with ExpertSegment.create(segment_name(namespace, layer, e, "dst"), shape) as dst:
+                        result = client.fetch(src, dst.buffer())
+                        assert (result.name, result.nbytes) == (src, shape.nbytes)
+                        assert holds(dst, layer, e)
+                        dst.unlink()
+            with pytest.raises(RuntimeError, match=rf"'no-such' {route} failed: the peer does not have it"):
+                client.fetch("no-such", memoryview(bytearray(16)))
+            with pytest.raises(RuntimeError, match=f"{route} failed: the peer holds"):
+                client.fetch(names[0], memoryview(bytearray(16)))
+            assert holds_after_refusals(client, names[0], SMALL[torch.float32])
+
+        with ExpertSegment.create(segment_name(namespace, 9, 9, "dst_big"), BIG) as dst:
+            for attempt in range(2):  # the first also pays for faulting in fresh destination pages
+                result = fetch(address, segment_name(namespace, 9, 9, "src_big"), dst.buffer())
+                with capsys.disabled():
+                        print(f"\npeer copy {result.nbytes / 1e6:.0f} MB across processes: "
+                          f"{result.seconds * 1e3:.0f} ms, {result.nbytes / result.seconds / 1e9:.2f} "
+                          f"GB/s ({'fresh' if attempt == 0 else 'warm'} destination)")
+            assert result.nbytes == BIG.nbytes
+            assert (dst.gate_up == 9.5).all()
+            assert torch.equal(dst.down, torch.arange(BIG.down_numel, dtype=torch.float32).view_as(dst.down))
+        parent.send("stop")
+        assert _recv(parent) == "stopped"
+        child.join(timeout=30)
+        assert child.exitcode == 0
+        with pytest.raises(RuntimeError, match="cannot connect"):
+            fetch(address, names[0], memoryview(bytearray(16)), timeout=5)
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def holds_after_refusals(client: TransferClient, name: str, shape: ExpertShape) -> bool:
+    """Refusals leave the connection usable: the next fetch on it still arrives whole."""
+    layer, e = EXPERTS[0]
+    dest = torch.zeros(shape.nbytes, dtype=torch.uint8)
+    client.fetch(name, memoryview(dest.numpy()))
+    gate_up, down = expert_weights(layer, e, shape)
+    return torch.equal(dest, torch.cat([gate_up.flatten(), down.flatten()]).view(torch.uint8))
+
+
+@pytest.fixture
+def big_source():
+    """256 MB whose first 8 MB are 0xFF; the rest is zeros."""
+    data = bytearray(256 << 20)
+    data[: 8 << 20] = b"\xff" * (8 << 20)
+    return memoryview(data)
+
+
+def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
+    server = TransferServer(LOOPBACK, lambda name: big_source if name == "big" else None)
+    address = server.start()
+    dest = memoryview(bytearray(big_source.nbytes))
+    outcome: list = []
+
+    def receive() -> None:
+        try:
+            # Small receives stretch the transfer (~0.25 s here) so stop() lands mid-way.
+            outcome.append(fetch(address, "big", dest, timeout=30, chunk_bytes=8 << 10))
+        except RuntimeError as e:
+            outcome.append(e)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    deadline = time.monotonic() + 20
+    while dest[64 << 10] == 0:  # wait until bytes are flowing, then pull the plug
+        assert time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.0005)
+    started = time.monotonic()
+    server.stop()
+    receiver.join(timeout=10)
+    assert not receiver.is_alive(), "fetch hung after the server stopped"
+    assert time.monotonic() - started < 10
+    [error] = outcome
+    assert isinstance(error, RuntimeError), f"the transfer finished before stop: {error}"
+    assert f"'big' {address[0]}:{address[1]} -> local failed after" in str(error)
+    server.stop()  # idempotent
+
+
+def _fake_peer(reply) -> tuple[tuple[str, int], threading.Thread, socket.socket]:
+    """A one-shot peer that reads a request and then does whatever `reply(conn)` does."""
+    listener = socket.create_server((LOOPBACK, 0))
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            reply(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener.getsockname()[:2], thread, listener
+
+
+def test_connection_dropped_mid_transfer():
+    def half(conn: socket.socket) -> None:
+        conn.sendall(struct.pack("!4sBBQ", b"EMOE", 1, 0, 1000) + bytes(400))
+
+    address, thread, listener = _fake_peer(half)
+    with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 400 of 1000 bytes"):
+        fetch(address, "x", memoryview(bytearray(1000)), timeout=10)
+    thread.join(timeout=5)
+
+
+def test_silent_peer_times_out():
+    release = threading.Event()
+    address, thread, listener = _fake_peer(lambda conn: release.wait(10))
+    started = time.monotonic()
+    with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 0 of 8 bytes: timed out"):
+        fetch(address, "x", memoryview(bytearray(8)), timeout=0.5)
+    assert time.monotonic() - started < 3
+    release.set()
+    thread.join(timeout=5)
+
+
+def _wait_for(condition, what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.02)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _conn_threads() -> int:
+    return sum(t.name.startswith("emoe-transfer-conn") for t in threading.enumerate())
+
+
+def test_many_fetches_leak_no_threads_or_fds():
+    source = memoryview(bytes(range(256)) * 1024)
+    server = TransferServer(LOOPBACK, lambda name: source if name == "s" else None)
+    address = server.start()
+    dest = memoryview(bytearray(source.nbytes))
+    fetch(address, "s", dest)  # warm up lazily created state before taking the baseline
+    _wait_for(lambda: _conn_threads() == 0, "the warm-up connection to end")
+    fds, threads = _open_fds(), threading.active_count()
+    for _ in range(200):
+        fetch(address, "s", dest)
+        with pytest.raises(RuntimeError):
+            fetch(address, "missing", dest)
+    with TransferClient(address) as client:
+        for _ in range(50):
+            client.fetch("s", dest)
+        assert _conn_threads() == 1, "one connection, one server thread"
+    _wait_for(lambda: _open_fds() <= fds and threading.active_count() <= threads,
+              f"fds ({fds}) and threads ({threads}) to return to their baseline")
+    assert bytes(dest) == bytes(source)
+    # stop() closes idle live connections too; the client sees a bounded failure.
+    client = TransferClient(address)
+    client.fetch("s", dest)
+    server.stop()
+    with pytest.raises(RuntimeError, match="failed after 0 of"):
+        client.fetch("s", dest, timeout=5)
+    assert _conn_threads() == 0 and not any(t.name.startswith("emoe-transfer") for t in threading.enumerate())
