@@ -79,6 +79,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._pending_lock = threading.Lock()
         self._pending_count = 0          # requests submitted but not yet taken from the inbox
+        self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
         self.steps = 0
 
@@ -104,9 +105,13 @@ class Engine:
         """Queue a validated request; QueueFull when the waiting queue is at its limit."""
         self.validate(req.prompt_ids, req.params)
         with self._pending_lock:
+            # the id keys the request's KV blocks, stream and cancel: two live ones cannot share it
+            if req.request_id in self._live:
+                raise ValueError(f"request_id: {req.request_id!r} is in use by a request not yet finished")
             if self.scheduler.num_waiting + self._pending_count >= self.scheduler.max_waiting:
                 raise QueueFull(f"{self.scheduler.max_waiting} requests already waiting")
             self._pending_count += 1
+            self._live.add(req.request_id)
         self._inbox.put(("add", req))
         self._wake.set()
 
@@ -232,6 +237,8 @@ class Engine:
         """Close a request's stream (exactly once) with its last message, and free what it held."""
         if self._requests.pop(req.request_id, None) is None:
             return
+        with self._pending_lock:
+            self._live.discard(req.request_id)
         self.scheduler.finish(req.request_id)
         self._detok.pop(req.request_id, None)
         self._samplers.pop(req.request_id, None)
