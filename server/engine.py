@@ -149,12 +149,14 @@ class Engine:
                 return
             if kind == "add":
                 req = item
-                with self._pending_lock:
-                    self._pending_count -= 1
                 self._requests[req.request_id] = req
                 self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params.stop)
                 self._samplers[req.request_id] = Sampler(req.params)
-                self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
+                # one step under the lock: submit() must see the request as pending or as waiting,
+                # never as neither, or it admits one too many and scheduler.add raises QueueFull here
+                with self._pending_lock:
+                    self._pending_count -= 1
+                    self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
             elif kind == "cancel":
                 req = self._requests.get(item)
                 if req is not None:
