@@ -115,8 +115,10 @@ class Engine:
         self._inbox.put(("add", req))
         self._wake.set()
 
-    def cancel(self, request_id: str) -> None:
-        self._inbox.put(("cancel", request_id))
+    def cancel(self, req: Request) -> None:
+        """End `req` and free its blocks at the next step; a no-op once it has ended. By object, not
+        by id: a late cancel must not hit a newer request that reuses the id."""
+        self._inbox.put(("cancel", req))
         self._wake.set()
 
     def commit(self, backend: ExpertBackend, version: int, timeout: float = 60.0) -> None:
@@ -158,9 +160,9 @@ class Engine:
                     self._pending_count -= 1
                     self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
             elif kind == "cancel":
-                req = self._requests.get(item)
-                if req is not None:
-                    self.scheduler.cancel(item)
+                req = item
+                if self._requests.get(req.request_id) is req:
+                    self.scheduler.cancel(req.request_id)
                     self._end(req, "cancelled")
             elif kind == "commit":
                 backend, version, done = item
