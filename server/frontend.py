@@ -82,7 +82,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {exc}")
         # runs when the RPC ends for any reason: a client cancel or a passed deadline frees the
         # request's KV blocks at the next engine step; after a normal finish it is a no-op
-        context.add_callback(lambda: self.engine.cancel(req))
+        if not context.add_callback(lambda: self.engine.cancel(req)):
+            self.engine.cancel(req)  # the RPC ended before the callback was in place: nobody reads on
+            return
         while True:
             try:
                 out: Output = req.outputs.get(timeout=1.0)
