@@ -52,7 +52,9 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # shifted so the largest is 0 first: a tiny temperature (float32 allows 1e-45) then gives
+        # -inf, not inf, and softmax stays finite instead of failing the whole batch's step on NaN
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
