@@ -23,7 +23,7 @@ class SamplingParams:
         if not self.temperature >= 0.0:  # also rejects NaN
             raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling.top_p must be in [0, 1], got {self.top_p}")
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
