@@ -137,10 +137,11 @@ class Server:
             report = self.controller.scale(num_workers)
         except Exception as exc:
             from server.controller import ScaleRejected
-            if not isinstance(exc, (ScaleRejected, ValueError)):
+            if before and not isinstance(exc, (ScaleRejected, ValueError)):
                 self.metrics.scale_event(direction, "aborted")
             raise
-        self.metrics.scale_event(report.direction, "committed", report.seconds)
+        if before:  # the initial placement at start-up is not a scale event
+            self.metrics.scale_event(report.direction, "committed", report.seconds)
         for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied), ("disk", report.bytes_loaded)):
             if n:
                 self.metrics.bytes_moved(path, n)

@@ -52,6 +52,7 @@ class ChangeReport:
     bytes_remapped: int = 0
     bytes_copied: int = 0
     bytes_loaded: int = 0
+    moves: dict[str, int] = field(default_factory=dict)      # experts moved per path: remap, peer, disk
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Controller:
         parts["release"] = time.perf_counter() - t4
         report = ChangeReport(direction, new, time.perf_counter() - t0, parts,
                               sum(r.bytes_remapped for r in results), sum(r.bytes_copied for r in results),
-                              sum(r.bytes_loaded for r in results))
+                              sum(r.bytes_loaded for r in results), self._count_moves(plan))
         log.info("topology v%d committed: %s to %d workers in %.2fs (%s); remapped %d B, copied %d B, loaded %d B",
                  new.version, direction, num_workers, report.seconds,
                  ", ".join(f"{k} {v:.3f}s" for k, v in parts.items()), report.bytes_remapped,
@@ -236,6 +237,13 @@ class Controller:
                 link.close()
             self._stop(j)
         log.warning("change of topology aborted; the old topology serves on")
+
+    @staticmethod
+    def _count_moves(plan: Plan) -> dict[str, int]:
+        counts = {"remap": 0, "peer": 0, "disk": 0}
+        for m in plan.moves:
+            counts["disk" if m.src is None else "remap" if m.same_node else "peer"] += 1
+        return counts
 
     def _backend(self, topo: Topology) -> RemoteExperts:
         p = topo.placement

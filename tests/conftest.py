@@ -9,6 +9,10 @@ from typing import Iterator
 import grpc
 import pytest
 
+# Ray must only ever use loopback here: with this, a node started without an explicit address
+# (a second raylet of ray.cluster_utils.Cluster, the GCS client) picks 127.0.0.1, not the host's IP.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from experts.demo import DemoShape, write_demo_model
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
