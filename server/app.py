@@ -56,6 +56,9 @@ class ServingStats(EngineObserver):
         self.metrics.request_finished(status, duration_s=now - req.arrival, ttft_s=ttft)
         self.metrics.tokens(prompt=len(req.prompt_ids))
 
+    def on_expert_tokens(self, layer: int, counts) -> None:
+        self.metrics.expert_tokens(layer, counts)
+
     def on_refused(self, status: str) -> None:
         self.metrics.request_finished(status)
 

@@ -55,6 +55,7 @@ class EngineObserver:
     def on_token_gap(self, seconds: float) -> None: ...
     def on_finish(self, req: Request, status: str, completion_tokens: int) -> None: ...
     def on_step(self, running: int, waiting: int, kv_usage: float, tokens: int) -> None: ...
+    def on_expert_tokens(self, layer: int, counts: np.ndarray) -> None: ...
 
 
 class Engine:
@@ -203,7 +204,9 @@ class Engine:
         counts = getattr(backend, "expert_counts", None)
         if counts:
             for layer, c in counts.items():
-                self.expert_load[layer] += c.numpy()
+                routed = c.numpy()
+                self.expert_load[layer] += routed
+                self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
         self.steps += 1
         now = time.monotonic()
         generated = 0
