@@ -72,6 +72,7 @@ class ExpertWorker:
         self._by_name: dict[str, ExpertSegment] = {}
         self._checkpoint: Checkpoint | None = None
         self._tokens = 0
+        self._fail_after: int | None = None   # failpoint: see inject_fault
         self.data = DataPlaneServer(host, self.spec.hidden, self._compute)
         self.transfer = TransferServer(host, self._segment_bytes)
         self.transfer.start()
@@ -113,6 +114,9 @@ class ExpertWorker:
         clients: dict[tuple[str, int], TransferClient] = {}
         try:
             for it in items:
+                if self._fail_after is not None and len(made) >= self._fail_after:
+                    self._fail_after = None
+                    raise RuntimeError("injected fault")
                 self.pool.reserve(it.layer, it.expert)
                 reserved.append((it.layer, it.expert))
                 seg, created = self._obtain(it, clients)
@@ -189,6 +193,10 @@ class ExpertWorker:
             freed += seg.nbytes
             self._drop(seg, gone)
         return freed
+
+    def inject_fault(self, after_items: int) -> None:
+        """Failpoint for abort drills: the next `receive` fails after `after_items` experts arrived."""
+        self._fail_after = after_items
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
