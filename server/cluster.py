@@ -37,7 +37,8 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
+    # address="local": always a new embedded cluster, never one another process left running here
+    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
              _node_ip_address=node_ip, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     return True
 
