@@ -10,13 +10,14 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 import torch
 
 MAGIC = b"EMX1"
 _REQ = struct.Struct("<4sIiiiB")   # magic, seq, layer, rows N, pairs M, dtype code
-_REP = struct.Struct("<4sIBQ")     # magic, seq, status (0 ok, 1 error), payload bytes
+_REP = struct.Struct("<4sIBQQ")    # magic, seq, status (0 ok, 1 error), payload bytes, compute ns
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
@@ -93,12 +94,14 @@ class DataPlaneServer:
                 recv_exact(conn, mb)
                 weights = meta[2].view(torch.float32)
                 try:
+                    t0 = time.perf_counter_ns()
                     out = self.compute(layer, x, meta[0].long(), meta[1].long(), weights)
                     body = _bytes_of(out.float())
-                    send_parts(conn, [_REP.pack(MAGIC, seq, 0, len(body)), body])
+                    spent = time.perf_counter_ns() - t0
+                    send_parts(conn, [_REP.pack(MAGIC, seq, 0, len(body), spent), body])
                 except Exception as exc:  # reported to the engine, which raises it there
                     msg = f"{type(exc).__name__}: {exc}".encode()
-                    conn.sendall(_REP.pack(MAGIC, seq, 1, len(msg)) + msg)
+                    conn.sendall(_REP.pack(MAGIC, seq, 1, len(msg), 0) + msg)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -129,6 +132,7 @@ class WorkerLink:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._seq = 0
+        self.last_compute_s = 0.0   # the worker's own compute time for the last reply
 
     def send(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
              weights: torch.Tensor) -> None:
@@ -142,7 +146,8 @@ class WorkerLink:
     def recv(self, layer: int, rows: int, hidden: int) -> torch.Tensor:
         head = bytearray(_REP.size)
         recv_exact(self.sock, memoryview(head))
-        magic, seq, status, size = _REP.unpack(head)
+        magic, seq, status, size, spent = _REP.unpack(head)
+        self.last_compute_s = spent / 1e9
         if magic != MAGIC or seq != self._seq:
             raise RuntimeError(f"worker {self.worker_id}: out of step on layer {layer} ({magic!r}, {seq})")
         if status:

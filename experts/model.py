@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.attention import AttentionBatch, paged_attention, rope
+from experts.profile import NO_PROFILE, StepProfile
 from experts.spec import ModelSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,22 +66,25 @@ class MoEModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionBatch, cache: KVCache,
-                experts: ExpertBackend) -> torch.Tensor:
+                experts: ExpertBackend, timer: StepProfile = NO_PROFILE) -> torch.Tensor:
         """input_ids [T] -> logits [B, V] of each sequence's last new token."""
         spec, w = self.spec, self.w
         h = F.embedding(input_ids, w["model.embed_tokens.weight"])
         for layer in range(spec.num_layers):
             p = f"model.layers.{layer}"
-            x = rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
-            h = h + self._attention(layer, x, meta, cache)
-            x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
+            with timer("attention"):
+                x = rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
+                h = h + self._attention(layer, x, meta, cache)
+                x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
             if layer in self._moe_prefix:
-                h = h + self._moe(layer, x, experts)
+                h = h + self._moe(layer, x, experts, timer)
             else:
-                h = h + swiglu(x, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
-                               w[f"{p}.mlp.down_proj.weight"])
-        h = rms_norm(h[meta.last_index], w["model.norm.weight"], spec.rms_eps)
-        return F.linear(h, w["lm_head.weight"]).float()
+                with timer("dense_mlp"):
+                    h = h + swiglu(x, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
+                                   w[f"{p}.mlp.down_proj.weight"])
+        with timer("lm_head"):
+            h = rms_norm(h[meta.last_index], w["model.norm.weight"], spec.rms_eps)
+            return F.linear(h, w["lm_head.weight"]).float()
 
     def _attention(self, layer: int, x: torch.Tensor, meta: AttentionBatch, cache: KVCache) -> torch.Tensor:
         spec, w = self.spec, self.w
@@ -115,9 +119,11 @@ class MoEModel:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return top_i, top_w.to(x.dtype)
 
-    def _moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
-        top_i, top_w = self.route(layer, x)
-        out = experts(layer, x, top_i, top_w)
+    def _moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend, timer: StepProfile) -> torch.Tensor:
+        with timer("router"):
+            top_i, top_w = self.route(layer, x)
+        with timer("experts"):
+            out = experts(layer, x, top_i, top_w)
         if self.spec.shared_intermediate:
             p = f"{self._moe_prefix[layer]}"
             shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],

@@ -18,6 +18,7 @@ import torch
 
 from experts.attention import AttentionBatch
 from experts.model import ExpertBackend, KVCache, MoEModel
+from experts.profile import StepProfile
 from memory.kv_blocks import KVBlockTable
 from server.detokenize import IncrementalDetokenizer
 from server.sampling import Sampler, SamplingParams
@@ -83,6 +84,9 @@ class Engine:
         self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
         self.steps = 0
+        # always on: ~30 timed sections a step cost microseconds against steps of milliseconds,
+        # and dashboards see where step time goes (elasticmoe_engine_step_phase_seconds_total)
+        self.profile = StepProfile(enabled=True)
 
     # -- called from other threads --------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -167,6 +171,8 @@ class Engine:
                     self._end(req, "cancelled")
             elif kind == "commit":
                 backend, version, done = item
+                if hasattr(backend, "profile"):
+                    backend.profile = self.profile
                 self.backend, self.version = backend, version
                 done.set()
 
@@ -174,7 +180,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             self._drain_inbox()
-            plan = self.scheduler.schedule() if self.backend is not None else []
+            with self.profile("schedule"):
+                plan = self.scheduler.schedule() if self.backend is not None else []
             if not plan:
                 self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting,
                                       self.blocks.usage, 0)
@@ -182,7 +189,8 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
-                self._step(plan)
+                with self.profile("step"):
+                    self._step(plan)
             except Exception as exc:  # a step that cannot run fails its requests, not the server
                 log.exception("engine step failed")
                 for item in plan:
@@ -192,15 +200,18 @@ class Engine:
                         self._end(req, "error", error=f"engine step failed: {exc}")
 
     def _step(self, plan: list[Scheduled]) -> None:
-        ids, q_lens, kv_lens, tables = [], [], [], []
-        for item in plan:
-            ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
-            q_lens.append(item.num_tokens)
-            kv_lens.append(item.start + item.num_tokens)
-            tables.append(self.blocks.blocks(item.seq.seq_id))
-        meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
+        prof = self.profile
+        with prof("inputs"):
+            ids, q_lens, kv_lens, tables = [], [], [], []
+            for item in plan:
+                ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
+                q_lens.append(item.num_tokens)
+                kv_lens.append(item.start + item.num_tokens)
+                tables.append(self.blocks.blocks(item.seq.seq_id))
+            meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
         backend = self.backend
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), meta, self.cache, backend)
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), meta, self.cache, backend, prof)
+        prof.steps += 1
         counts = getattr(backend, "expert_counts", None)
         if counts:
             for layer, c in counts.items():
@@ -210,12 +221,14 @@ class Engine:
         self.steps += 1
         now = time.monotonic()
         generated = 0
-        for i, item in enumerate(plan):
-            token = self._samplers[item.seq.seq_id](logits[i]) if item.samples else None
-            self.scheduler.advance(item, token)
-            if token is not None:
-                generated += 1
-                self._emit(self._requests[item.seq.seq_id], item.seq, token, now)
+        with prof("sample_and_stream"):
+            for i, item in enumerate(plan):
+                token = self._samplers[item.seq.seq_id](logits[i]) if item.samples else None
+                self.scheduler.advance(item, token)
+                if token is not None:
+                    generated += 1
+                    self._emit(self._requests[item.seq.seq_id], item.seq, token, now)
+        prof.tokens += generated
         self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.blocks.usage, generated)
 
     def _emit(self, req: Request, seq: Sequence, token: int, now: float) -> None:

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from experts.dataplane import WorkerLink
+from experts.profile import NO_PROFILE, StepProfile
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class RemoteExperts:
     """ExpertBackend that sends each worker its share of a layer's pairs and sums the answers."""
 
     def __init__(self, routing: Routing, links: Mapping[str, WorkerLink], moe_index: Mapping[int, int],
-                 hidden: int) -> None:
+                 hidden: int, profile: StepProfile = NO_PROFILE) -> None:
+        self.profile = profile
         self.routing = routing
         self.links = [links[w] for w in routing.workers]
         self.moe_index = dict(moe_index)
@@ -77,6 +79,10 @@ class RemoteExperts:
             link.send(l, hidden[rows], local, flat_e[idx], flat_w[idx])
             sent.append((link, rows))
         out = torch.zeros(t, self.hidden, dtype=torch.float32)
+        slowest = 0.0
         for link, rows in sent:
             out.index_add_(0, rows, link.recv(l, rows.shape[0], self.hidden))
+            slowest = max(slowest, link.last_compute_s)
+        # the critical path's worker compute; the rest of "experts" is routing and transport
+        self.profile.add("expert_ffn_on_worker", slowest)
         return out.to(hidden.dtype)

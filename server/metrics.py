@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
@@ -107,6 +107,35 @@ class _ExpertTokens:
             "k experts counts once for each.",
             labels=("layer", "expert"),
         )
+
+
+class _StepPhases:
+    """`elasticmoe_engine_step_phase_seconds_total{phase}` and `elasticmoe_engine_steps_total`:
+    where engine steps spend their time, read from the engine's profile when Prometheus scrapes."""
+
+    def __init__(self, source: Callable[[], tuple[dict[str, float], int]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        totals, steps = self._source()
+        phases, count = self._families()
+        for phase, seconds in sorted(totals.items()):
+            phases.add_metric((phase,), seconds)
+        count.add_metric((), steps)
+        yield phases
+        yield count
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (CounterMetricFamily("elasticmoe_engine_step_phase_seconds",
+                                    "Wall-clock seconds engine steps spent in each phase (attention, router, "
+                                    "experts = routing + exchange + workers, expert_ffn_on_worker = the slowest "
+                                    "worker's compute, lm_head, inputs, sample_and_stream, schedule).",
+                                    labels=("phase",)),
+                CounterMetricFamily("elasticmoe_engine_steps", "Engine steps run."))
 
 
 class ServerMetrics:
@@ -272,6 +301,10 @@ class ServerMetrics:
     def autoscaler_target(self, n: int) -> None:
         _check_count("n", n)
         self._autoscaler_target.set(n)
+
+    def watch_engine_phases(self, source: Callable[[], tuple[dict[str, float], int]]) -> None:
+        """Export the engine's per-phase step time; `source()` -> (seconds by phase, steps)."""
+        self.registry.register(_StepPhases(source))
 
     # -- exposition ----------------------------------------------------------------------------
 
