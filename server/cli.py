@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         a.set_defaults(func=_admin)
 
     b = sub.add_parser("bench", help="benchmarks: decode, scaling")
-    b.add_argument("which", choices=["decode", "scaling", "exchange"])
+    b.add_argument("which", choices=["decode", "scaling"])
     b.add_argument("--model", required=True)
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG plot here")
-    b.add_argument("--batches", default="1,8,32")
+    b.add_argument("--batches", default="1,8,16,32")
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--no-transformers", action="store_true")
     b.set_defaults(func=_bench)

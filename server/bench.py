@@ -1,0 +1,15 @@
+"""`elasticmoe bench WHICH`: benchmarks, kept out of `make test` (each prints a table, and writes
+JSON with --json and a PNG with --plot)."""
+from __future__ import annotations
+
+import argparse
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.which == "decode":
+        from server.bench_decode import run
+    elif args.which == "scaling":
+        from server.bench_scaling import run
+    else:
+        raise ValueError(f"unknown benchmark {args.which!r}")
+    return run(args)
