@@ -94,8 +94,9 @@ def _admin(args: argparse.Namespace) -> int:
         try:
             if args.cmd == "scale":
                 r = stub.Scale(pb.ScaleRequest(num_workers=args.num_workers), timeout=args.timeout)
-                print(f"committed in {r.duration_seconds:.3f}s: remapped {r.bytes_remapped} B, "
-                      f"copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
+                phases = ", ".join(f"{k} {v:.3f}s" for k, v in r.phase_seconds.items())
+                print(f"committed in {r.duration_seconds:.3f}s ({phases}): {r.experts_moved} experts moved; "
+                      f"remapped {r.bytes_remapped} B, copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
                 _print_topology(r.topology)
             else:
                 _print_topology(stub.GetTopology(pb.GetTopologyRequest(), timeout=args.timeout))

@@ -132,4 +132,5 @@ class AdminServicer(pb_grpc.AdminServicer):
             context.abort(grpc.StatusCode.ABORTED, f"change aborted, topology unchanged: {exc}")
         return pb.ScaleResponse(topology=self._topology(), duration_seconds=time.perf_counter() - t0,
                                 bytes_copied=report.bytes_copied, bytes_remapped=report.bytes_remapped,
-                                bytes_loaded=report.bytes_loaded)
+                                bytes_loaded=report.bytes_loaded, phase_seconds=report.parts,
+                                experts_moved=sum(report.moves.values()))

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65lasticmoe/v1/elasticmoe.proto\x12\relasticmoe.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x80\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParams\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\x14\n\x12GetTopologyRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"Y\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x06layers\x18\x03 \x03(\x0b\x32\x1b.elasticmoe.v1.LayerExperts\"l\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12&\n\x07workers\x18\x02 \x03(\x0b\x32\x15.elasticmoe.v1.Worker\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\"#\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\"\x98\x01\n\rScaleResponse\x12)\n\x08topology\x18\x01 \x01(\x0b\x32\x17.elasticmoe.v1.Topology\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_remapped\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x32\x96\x01\n\x05\x41\x64min\x12I\n\x0bGetTopology\x12!.elasticmoe.v1.GetTopologyRequest\x1a\x17.elasticmoe.v1.Topology\x12\x42\n\x05Scale\x12\x1b.elasticmoe.v1.ScaleRequest\x1a\x1c.elasticmoe.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65lasticmoe/v1/elasticmoe.proto\x12\relasticmoe.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x80\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParams\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\x14\n\x12GetTopologyRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"Y\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x06layers\x18\x03 \x03(\x0b\x32\x1b.elasticmoe.v1.LayerExperts\"l\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12&\n\x07workers\x18\x02 \x03(\x0b\x32\x15.elasticmoe.v1.Worker\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\"#\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\"\xab\x02\n\rScaleResponse\x12)\n\x08topology\x18\x01 \x01(\x0b\x32\x17.elasticmoe.v1.Topology\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_remapped\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x04\x12\x45\n\rphase_seconds\x18\x06 \x03(\x0b\x32..elasticmoe.v1.ScaleResponse.PhaseSecondsEntry\x12\x15\n\rexperts_moved\x18\x07 \x01(\r\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x32\x96\x01\n\x05\x41\x64min\x12I\n\x0bGetTopology\x12!.elasticmoe.v1.GetTopologyRequest\x1a\x17.elasticmoe.v1.Topology\x12\x42\n\x05Scale\x12\x1b.elasticmoe.v1.ScaleRequest\x1a\x1c.elasticmoe.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'elasticmoe.v1.elasticmoe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=971
-  _globals['_FINISHREASON']._serialized_end=1089
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._loaded_options = None
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1118
+  _globals['_FINISHREASON']._serialized_end=1236
   _globals['_SAMPLINGPARAMS']._serialized_start=50
   _globals['_SAMPLINGPARAMS']._serialized_end=199
   _globals['_GENERATEREQUEST']._serialized_start=202
@@ -50,9 +52,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCALEREQUEST']._serialized_start=779
   _globals['_SCALEREQUEST']._serialized_end=814
   _globals['_SCALERESPONSE']._serialized_start=817
-  _globals['_SCALERESPONSE']._serialized_end=969
-  _globals['_INFERENCE']._serialized_start=1091
-  _globals['_INFERENCE']._serialized_end=1181
-  _globals['_ADMIN']._serialized_start=1184
-  _globals['_ADMIN']._serialized_end=1334
+  _globals['_SCALERESPONSE']._serialized_end=1116
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_start=1065
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_end=1116
+  _globals['_INFERENCE']._serialized_start=1238
+  _globals['_INFERENCE']._serialized_end=1328
+  _globals['_ADMIN']._serialized_start=1331
+  _globals['_ADMIN']._serialized_end=1481
 # @@protoc_insertion_point(module_scope)

@@ -105,15 +105,26 @@ class ScaleRequest(_message.Message):
     def __init__(self, num_workers: _Optional[int] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("topology", "duration_seconds", "bytes_copied", "bytes_remapped", "bytes_loaded")
+    __slots__ = ("topology", "duration_seconds", "bytes_copied", "bytes_remapped", "bytes_loaded", "phase_seconds", "experts_moved")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
     BYTES_REMAPPED_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_MOVED_FIELD_NUMBER: _ClassVar[int]
     topology: Topology
     duration_seconds: float
     bytes_copied: int
     bytes_remapped: int
     bytes_loaded: int
-    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., duration_seconds: _Optional[float] = ..., bytes_copied: _Optional[int] = ..., bytes_remapped: _Optional[int] = ..., bytes_loaded: _Optional[int] = ...) -> None: ...
+    phase_seconds: _containers.ScalarMap[str, float]
+    experts_moved: int
+    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., duration_seconds: _Optional[float] = ..., bytes_copied: _Optional[int] = ..., bytes_remapped: _Optional[int] = ..., bytes_loaded: _Optional[int] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., experts_moved: _Optional[int] = ...) -> None: ...
