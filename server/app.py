@@ -43,6 +43,12 @@ class ServingStats(EngineObserver):
         self.tokens = RateWindow(window_s)
         self._last_gauges = 0.0
 
+    def set_window(self, window_s: float) -> None:
+        """Measure the rolling windows over `window_s` from now on (the autoscaler's policy sets
+        it before its first tick). Samples taken so far are dropped; an add racing the swap may
+        land in the old window and be lost, which costs one sample, never a wrong one."""
+        self.ttft, self.itl, self.tokens = LatencyWindow(window_s), LatencyWindow(window_s), RateWindow(window_s)
+
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.add(ttft_s, time.monotonic())
 
