@@ -110,6 +110,7 @@ class Server:
         scheduler = Scheduler(blocks, c.max_waiting, c.max_running, c.max_step_tokens)
         max_len = min(c.max_model_len or spec.max_position, spec.max_position)
         self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats)
+        self.metrics.watch_engine_phases(self.engine.profile.snapshot)
         self.engine.start()
         self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
         self.controller = Controller(

@@ -42,14 +42,16 @@ def ensure_model(model_dir: str, **shape) -> str:
 class ServerProcess:
     """`elasticmoe serve` in a child process on loopback; stops it with SIGINT like Ctrl-C."""
 
-    def __init__(self, model: str, workers: int, *extra: str, ray_address: str | None = None) -> None:
+    def __init__(self, model: str, workers: int, *extra: str, ray_address: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--workers", str(workers),
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), *extra]
         if ray_address:
             cmd += ["--ray-address", ray_address]
         self.log = open(os.devnull, "w") if not os.environ.get("ELASTICMOE_BENCH_LOG") else None
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, **(env or {})))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.address = f"127.0.0.1:{self.port}"
 

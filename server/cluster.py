@@ -33,13 +33,18 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     """Join the cluster at `address`, or start an embedded one. Returns True if we started it."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+    # One BLAS thread per process (workers also pin torch's own count). Set in our environment,
+    # which the embedded raylet passes on, rather than as a runtime_env: a job-level runtime_env
+    # stops Ray from handing a new actor one of its prestarted worker processes, which costs a
+    # scale-up a whole Python start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
     if address:
-        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return False
     # address="local": always a new embedded cluster, never one another process left running here
     ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
-             _node_ip_address=node_ip, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+             _node_ip_address=node_ip, logging_level=logging.WARNING, log_to_driver=False)
     return True
 
 
