@@ -6,7 +6,7 @@ new tokens and, after this step, `kv_lens[b]` tokens of context; its KV rows liv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -23,6 +23,18 @@ class AttentionBatch:
     last_index: torch.Tensor    # [B] index into T of each sequence's last new token
     batch: int
     max_q: int
+    rope_cache: dict = field(default_factory=dict)   # theta -> (cos, sin) [T, 1, d]; shared by all layers
+
+    def rotary(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of this step's positions, computed once per step instead of once per layer."""
+        key = (head_dim, theta, dtype)
+        cached = self.rope_cache.get(key)
+        if cached is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            freqs = self.positions.float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cached = self.rope_cache[key] = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
+        return cached
 
     @staticmethod
     def build(q_lens: Sequence[int], kv_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
@@ -61,13 +73,9 @@ class AttentionBatch:
         )
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding in the Hugging Face (rotate-half) layout. x: [T, H, d]."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face (rotate-half) layout. x: [T, H, d]; cos, sin: [T, 1, d]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
