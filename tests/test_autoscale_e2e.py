@@ -216,6 +216,10 @@ def test_autoscaler_scales_up_in_a_burst_and_back_down_after(tiny_models: dict[s
             while len(server.controller.topology.workers) > 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
             settled = time.monotonic()
+            # the topology switches at commit; the runner's tick that made the change returns (and
+            # exports its target) only after the release that follows
+            while sample(server, "elasticmoe_autoscaler_target_workers") != 1 and time.monotonic() < deadline + 10:
+                time.sleep(0.2)
         decision = server.autoscaler.last_decision
 
         assert not trace.failed(), [s.error for s in trace.failed()][:5]
