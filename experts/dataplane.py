@@ -1,8 +1,8 @@
 """The exchange between the engine and a worker: one request and one reply per MoE layer per step.
 
-A plain TCP stream with a fixed binary framing (no pickling): the engine sends the rows of hidden
-states a worker needs and its (row, expert, weight) pairs; the worker answers with float32 partial
-sums. TCP_NODELAY keeps each small message from waiting on Nagle's algorithm. One engine link per
+A plain TCP stream with a fixed binary framing (no pickling): the engine sends one row of hidden
+state per (token, expert) pair, grouped by expert, with each group's expert id and size and each
+pair's router weight; the worker answers with one weighted float32 output row per pair. TCP_NODELAY keeps each small message from waiting on Nagle's algorithm. One engine link per
 worker; a worker serves any number of links (for example a standby link opened during prepare).
 """
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Callable
 import torch
 
 MAGIC = b"EMX1"
-_REQ = struct.Struct("<4sIiiiB")   # magic, seq, layer, rows N, pairs M, dtype code
+_REQ = struct.Struct("<4sIiiiB")   # magic, seq, layer, pairs M, groups G, dtype code
 _REP = struct.Struct("<4sIBQQ")    # magic, seq, status (0 ok, 1 error), payload bytes, compute ns
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
-# (layer, x [N, D], rows [M], expert_ids [M], weights [M]) -> float32 [N, D]
-Compute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M]) -> float32 [M, D]
+Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]
 
 
 def recv_exact(sock: socket.socket, buf: memoryview) -> None:
@@ -85,17 +85,18 @@ class DataPlaneServer:
         try:
             while True:
                 recv_exact(conn, memoryview(head))
-                magic, seq, layer, n, m, code = _REQ.unpack(head)
+                magic, seq, layer, m, g, code = _REQ.unpack(head)
                 if magic != MAGIC:
                     raise ConnectionError(f"bad magic {magic!r}")
-                x, xb = _empty((n, self.hidden), CODE_DTYPES[code])
-                meta, mb = _empty((3, m), torch.int32)
+                x, xb = _empty((m, self.hidden), CODE_DTYPES[code])
+                meta, mb = _empty((2 * g + m,), torch.int32)
                 recv_exact(conn, xb)
                 recv_exact(conn, mb)
-                weights = meta[2].view(torch.float32)
+                groups = meta[:2 * g].tolist()
+                weights = meta[2 * g:].view(torch.float32)
                 try:
                     t0 = time.perf_counter_ns()
-                    out = self.compute(layer, x, meta[0].long(), meta[1].long(), weights)
+                    out = self.compute(layer, x, groups[:g], groups[g:], weights)
                     body = _bytes_of(out.float())
                     spent = time.perf_counter_ns() - t0
                     send_parts(conn, [_REP.pack(MAGIC, seq, 0, len(body), spent), body])
@@ -134,16 +135,16 @@ class WorkerLink:
         self._seq = 0
         self.last_compute_s = 0.0   # the worker's own compute time for the last reply
 
-    def send(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+    def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor,
              weights: torch.Tensor) -> None:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M]."""
         self._seq += 1
-        n, m = x.shape[0], rows.shape[0]
-        meta = torch.stack([rows.to(torch.int32), expert_ids.to(torch.int32),
-                            weights.float().view(torch.int32)])
-        head = _REQ.pack(MAGIC, self._seq, layer, n, m, DTYPE_CODES[x.dtype])
+        meta = torch.cat([expert_ids.to(torch.int32), counts.to(torch.int32), weights.float().view(torch.int32)])
+        head = _REQ.pack(MAGIC, self._seq, layer, x.shape[0], expert_ids.shape[0], DTYPE_CODES[x.dtype])
         send_parts(self.sock, [head, _bytes_of(x), _bytes_of(meta)])
 
-    def recv(self, layer: int, rows: int, hidden: int) -> torch.Tensor:
+    def recv_into(self, layer: int, out: torch.Tensor) -> None:
+        """Receive the reply straight into `out` ([M, D] float32, contiguous)."""
         head = bytearray(_REP.size)
         recv_exact(self.sock, memoryview(head))
         magic, seq, status, size, spent = _REP.unpack(head)
@@ -154,10 +155,9 @@ class WorkerLink:
             msg = bytearray(size)
             recv_exact(self.sock, memoryview(msg))
             raise RuntimeError(f"worker {self.worker_id} failed on layer {layer}: {msg.decode()}")
-        out, ob = _empty((rows, hidden), torch.float32)
-        assert size == len(ob), (size, len(ob))
+        ob = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        assert out.is_contiguous() and size == len(ob), (size, len(ob))
         recv_exact(self.sock, ob)
-        return out
 
     def close(self) -> None:
         try:

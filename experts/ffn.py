@@ -1,8 +1,9 @@
 """Routed expert FFNs over the (token, expert) pairs one holder received.
 
-A holder (a worker, or the in-process backend) gets the rows of the hidden states it needs and,
-per pair, which row, which logical expert and the router weight. It returns, per row, the
-weighted sum of its experts' outputs; the engine adds the holders' partial sums.
+The sender lays the pairs out grouped by expert: `x` holds one row of hidden state per pair, in
+that order, and `expert_ids`/`counts` say which expert owns each run of rows. The holder returns
+one output row per pair, already multiplied by its router weight; the engine adds each token's
+rows. Grouped rows make each expert's input a contiguous slice: no gather, no sort on the holder.
 """
 from __future__ import annotations
 
@@ -15,29 +16,42 @@ import torch.nn.functional as F
 WeightLookup = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def run_experts(layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor, lookup: WeightLookup) -> torch.Tensor:
-    """x [N, D]; rows, expert_ids, weights [M] -> out [N, D] in float32.
+def run_grouped(layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int], weights: torch.Tensor,
+                lookup: WeightLookup) -> torch.Tensor:
+    """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D], float32.
 
-    Partial sums stay float32 so that a bfloat16 model is not rounded once per holder: how the
+    Outputs stay float32 so that a bfloat16 model is not rounded once per holder: how the
     experts are spread over workers must not change the tokens."""
-    out = torch.zeros(x.shape, dtype=torch.float32)
-    if rows.numel() == 0:
-        return out
-    order = torch.argsort(expert_ids, stable=True)
-    rows, expert_ids, weights = rows[order], expert_ids[order], weights[order]
-    uniq, counts = torch.unique_consecutive(expert_ids, return_counts=True)
+    out = torch.empty(x.shape, dtype=torch.float32)
     start = 0
-    for e, n in zip(uniq.tolist(), counts.tolist()):
-        r = rows[start:start + n]
+    for e, n in zip(expert_ids, counts):
         gate_up, down = lookup(layer, e)
-        xi = x[r]
+        xi = x[start:start + n]
         gu = F.linear(xi, gate_up)
         inter = gate_up.shape[0] // 2
-        y = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], down)
-        out.index_add_(0, r, (y * weights[start:start + n, None].to(y.dtype)).float())
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        if h.dtype == torch.float32:
+            torch.mm(h, down.t(), out=out[start:start + n])
+        else:
+            out[start:start + n] = F.linear(h, down)
         start += n
-    return out
+    assert start == x.shape[0], (start, x.shape)
+    return out.mul_(weights.unsqueeze(1))
+
+
+def group_pairs(topk_ids: torch.Tensor, topk_weights: torch.Tensor, owner: torch.Tensor | None = None,
+                num_experts: int = 0):
+    """Order a layer's (token, expert) pairs by (owner, expert).
+
+    Returns (order [M] into the flat pairs, token of each ordered pair [M], the (owner, expert)
+    key of each group [G], pairs per group [G]). `owner` [M] is the holder chosen per pair."""
+    t, a = topk_ids.shape
+    flat_e = topk_ids.reshape(-1)
+    key = flat_e if owner is None else owner * num_experts + flat_e
+    order = torch.argsort(key, stable=True)
+    groups, counts = torch.unique_consecutive(key[order], return_counts=True)
+    tokens = torch.div(order, a, rounding_mode="floor")
+    return order, tokens, groups, counts
 
 
 class LocalExperts:
@@ -48,7 +62,8 @@ class LocalExperts:
 
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        t, a = topk_ids.shape
-        rows = torch.arange(t).repeat_interleave(a)
-        out = run_experts(layer, hidden, rows, topk_ids.reshape(-1), topk_weights.reshape(-1), self.lookup)
+        order, tokens, experts, counts = group_pairs(topk_ids, topk_weights)
+        pairs = run_grouped(layer, hidden[tokens], experts.tolist(), counts.tolist(),
+                            topk_weights.reshape(-1)[order].float(), self.lookup)
+        out = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, pairs)
         return out.to(hidden.dtype)

@@ -17,7 +17,7 @@ import torch
 
 from experts.checkpoint import Checkpoint
 from experts.dataplane import DataPlaneServer
-from experts.ffn import run_experts
+from experts.ffn import run_grouped
 from experts.model import TORCH_DTYPES
 from experts.spec import load_spec
 from memory.segments import ExpertSegment, ExpertShape, segment_name
@@ -82,11 +82,11 @@ class ExpertWorker:
         seg = self.pool.get(layer, expert)
         return seg.gate_up, seg.down
 
-    def _compute(self, layer: int, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+    def _compute(self, layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int],
                  weights: torch.Tensor) -> torch.Tensor:
-        self._tokens += int(rows.numel())
+        self._tokens += x.shape[0]
         with torch.inference_mode():
-            return run_experts(layer, x, rows, expert_ids, weights, self._lookup)
+            return run_grouped(layer, x, expert_ids, counts, weights, self._lookup)
 
     def _segment_bytes(self, name: str) -> memoryview | None:
         seg = self._by_name.get(name)

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from experts.dataplane import WorkerLink
+from experts.ffn import group_pairs
 from experts.profile import NO_PROFILE, StepProfile
 
 
@@ -61,28 +62,32 @@ class RemoteExperts:
         l = self.moe_index[layer]
         t, a = topk_ids.shape
         flat_e = topk_ids.reshape(-1)
-        flat_w = topk_weights.reshape(-1)
-        tok = torch.arange(t).repeat_interleave(a)
-        count = self.routing.count[l]
-        self.expert_counts[l] = torch.bincount(flat_e, minlength=count.shape[0])
-        replica = tok % count[flat_e]
+        num_experts = self.routing.count[l].shape[0]
+        self.expert_counts[l] = torch.bincount(flat_e, minlength=num_experts)
+        token = torch.arange(t).repeat_interleave(a)
+        replica = token % self.routing.count[l][flat_e]
         owner = self.routing.holders[l][flat_e, replica]
-        order = torch.argsort(owner, stable=True)
-        owners, sizes = torch.unique_consecutive(owner[order], return_counts=True)
+        order, tokens, groups, sizes = group_pairs(topk_ids, topk_weights, owner, num_experts)
+        x = hidden[tokens]                                   # one row per pair, grouped
+        weights = topk_weights.reshape(-1)[order]
+        out = torch.empty(x.shape, dtype=torch.float32)     # the workers' replies land here
+        group_owner = torch.div(groups, num_experts, rounding_mode="floor")
+        owners, groups_per_owner = torch.unique_consecutive(group_owner, return_counts=True)
         sent = []
-        start = 0
-        for w, n in zip(owners.tolist(), sizes.tolist()):
-            idx = order[start:start + n]
-            start += n
-            rows, local = torch.unique(tok[idx], return_inverse=True)
+        g0 = p0 = 0
+        for w, ng in zip(owners.tolist(), groups_per_owner.tolist()):
+            sizes_w = sizes[g0:g0 + ng]
+            npairs = int(sizes_w.sum())
             link = self.links[w]
-            link.send(l, hidden[rows], local, flat_e[idx], flat_w[idx])
-            sent.append((link, rows))
-        out = torch.zeros(t, self.hidden, dtype=torch.float32)
+            link.send(l, x[p0:p0 + npairs], groups[g0:g0 + ng] % num_experts, sizes_w, weights[p0:p0 + npairs])
+            sent.append((link, p0, npairs))
+            g0 += ng
+            p0 += npairs
         slowest = 0.0
-        for link, rows in sent:
-            out.index_add_(0, rows, link.recv(l, rows.shape[0], self.hidden))
+        for link, p0, npairs in sent:
+            link.recv_into(l, out[p0:p0 + npairs])
             slowest = max(slowest, link.last_compute_s)
         # the critical path's worker compute; the rest of "experts" is routing and transport
         self.profile.add("expert_ffn_on_worker", slowest)
-        return out.to(hidden.dtype)
+        combined = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, out)
+        return combined.to(hidden.dtype)
