@@ -48,9 +48,8 @@ class CapacityEstimate:
 
 def change_running(controller: Controller) -> bool:
     """Whether a change of topology is running, whoever started it (Admin.Scale, the CLI or this
-    autoscaler). The controller holds `_lock` for the whole of a change and exposes no accessor
-    yet; reading `locked()` takes nothing, so it cannot delay or block a change."""
-    return controller._lock.locked()
+    autoscaler)."""
+    return controller.changing()
 
 
 class ServerSignals:

@@ -126,6 +126,10 @@ class Controller:
         with self._standby_lock:
             return len(self._standby)
 
+    def changing(self) -> bool:
+        """Whether a change of topology is running now."""
+        return self._lock.locked()
+
     def check_capacity(self, num_workers: int) -> str | None:
         current = len(self._live)
         extra = max(0, num_workers - current - len(self._standby))
