@@ -27,7 +27,8 @@ class FakeServer:
     """What ServerSignals reads: controller (lock, topology), engine.counts(), stats windows."""
 
     def __init__(self, window_s: float) -> None:
-        self.controller = SimpleNamespace(_lock=threading.Lock(), topology=None)
+        lock = threading.Lock()
+        self.controller = SimpleNamespace(_lock=lock, changing=lock.locked, topology=None)
         self.set_topology(version=1, workers=1)
         self.queue = (0, 0)  # running, waiting
         self.engine = SimpleNamespace(counts=lambda: self.queue)
