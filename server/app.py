@@ -88,7 +88,7 @@ class Server:
         self.namespace = uuid.uuid4().hex[:8]
         self.metrics = ServerMetrics()
         self.stats = ServingStats(self.metrics)
-        self._scale_lock = threading.Lock()
+        self._stopping = threading.Event()
         self.grpc_server: grpc.Server | None = None
         self.controller: Controller | None = None
         self.autoscaler = None
@@ -155,9 +155,15 @@ class Server:
         for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied), ("disk", report.bytes_loaded)):
             if n:
                 self.metrics.bytes_moved(path, n)
-        if self.config.standby:
-            threading.Thread(target=self.controller.fill_standby, name="standby", daemon=True).start()
+        if self.config.standby and before:
+            threading.Thread(target=self._refill_standby, name="standby", daemon=True).start()
         return report
+
+    def _refill_standby(self) -> None:
+        """Start standby workers again, a while after a change: a process start takes a core for
+        about a second, which streams would feel right after a change on a small machine."""
+        if not self._stopping.wait(self.config.standby_refill_delay_s):
+            self.controller.fill_standby()
 
     def _start_grpc(self) -> None:
         c = self.config
@@ -184,6 +190,7 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop taking requests, end streams, stop workers and Ray; leave no shared memory behind."""
+        self._stopping.set()
         if self.autoscaler is not None:
             self.autoscaler.stop()
         if self.grpc_server is not None:

@@ -69,6 +69,48 @@ def bench_transformers(model: str, batches: list[int], tokens: int, vocab: int) 
     return rows
 
 
+def _echo(port_queue) -> None:
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_queue.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(1 << 20)
+    while True:
+        n = conn.recv_into(buf)
+        if n == 0:
+            return
+        conn.sendall(memoryview(buf)[:n])
+
+
+def exchange_floor(nbytes: int, rounds: int = 2000) -> float:
+    """Seconds for one bare TCP round trip of `nbytes` between two processes on loopback: the
+    floor under one exchange with one worker (no framing, no compute)."""
+    import multiprocessing as mp
+    import socket
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    child = ctx.Process(target=_echo, args=(q,), daemon=True)
+    child.start()
+    sock = socket.create_connection(("127.0.0.1", q.get(timeout=30)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload, back = b"x" * nbytes, bytearray(nbytes)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sock.sendall(payload)
+        got = 0
+        while got < nbytes:
+            got += sock.recv_into(memoryview(back)[got:])
+        times.append(time.perf_counter() - t0)
+    sock.close()
+    child.join(timeout=10)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -98,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     say(f"{spec.family}: hidden {spec.hidden}, {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
         f"{spec.dtype}; batches {batches}, {args.tokens} tokens each, prompts of {PROMPT_LEN}")
+    row_bytes = spec.hidden * 4
+    floors = {b: exchange_floor(b * spec.top_k * row_bytes) for b in batches}
+    say("bare TCP round trip on loopback (median): " +
+        ", ".join(f"{b * spec.top_k} rows {1e6 * f:.0f} us" for b, f in floors.items()))
     rows = bench_server(model, 1, batches, args.tokens, spec.vocab_size)
     rows += bench_server(model, 2, batches, args.tokens, spec.vocab_size)
     if not args.no_transformers:
@@ -105,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
     print()
     print_table(["system", "batch", "tok/s", "step ms", "attention", "router", "exchange", "expert FFN", "other"],
                 [[r["system"], r["batch"], r["tokens_per_s"], *_breakdown(r)] for r in rows])
-    write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN, "results": rows})
+    layers = len(spec.moe_layers)
+    print(f"\nfloor of the exchange: one bare TCP round trip per MoE layer carrying all the step's rows: "
+          + ", ".join(f"batch {b}: {1000 * layers * f:.2f} ms/step" for b, f in floors.items()))
+    write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN, "results": rows,
+                           "exchange_floor_ms_per_step": {b: 1000 * layers * f for b, f in floors.items()}})
     if args.plot:
         _plot(rows, args.plot)
     return 0

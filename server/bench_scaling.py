@@ -115,38 +115,52 @@ class MemorySampler:
         self._thread.join()
 
 
-def actor_start_floor() -> float:
-    """Seconds to start one Ray actor that imports torch and answers a call (our own local Ray)."""
-    import ray
+class FloorProbe:
+    """The floor of a scale-up without standby: starting one Ray actor that imports torch and
+    answers a call, in a Ray of our own, measured idle and again under the benchmark's load."""
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    def __init__(self) -> None:
+        import ray
 
-    @ray.remote(num_cpus=0.5)
-    class Probe:
-        def __init__(self) -> None:
-            import torch  # noqa: F401  (what a worker imports before it can serve)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
-        def ping(self) -> int:
-            return 1
+        @ray.remote(num_cpus=0.5)
+        class Probe:
+            def __init__(self) -> None:
+                import torch  # noqa: F401  (what a worker imports before it can serve)
 
-    times = []
-    for _ in range(2):
+            def ping(self) -> int:
+                return 1
+
+        self.probe = Probe
+
+    def measure(self) -> float:
+        import ray
+
         t0 = time.monotonic()
-        p = Probe.remote()
+        p = self.probe.remote()
         ray.get(p.ping.remote())
-        times.append(time.monotonic() - t0)
+        took = time.monotonic() - t0
         ray.kill(p)
-    ray.shutdown()
-    return min(times)
+        return took
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
 
 
 def run_changes(label: str, server: ServerProcess, vocab: int, targets: list[int], rows: list[dict],
-                timeline: dict, extra_pids: Callable[[], list[int]] = list) -> None:
+                timeline: dict, extra_pids: Callable[[], list[int]] = list,
+                under_load: Callable[[], None] | None = None) -> None:
     load = Load(server.channel, vocab)
     mem = MemorySampler(lambda: server.pids() + extra_pids())
     load.start()
     admin = pb_grpc.AdminStub(server.channel)
     time.sleep(SETTLE_S)
+    if under_load is not None:
+        under_load()
+        time.sleep(SETTLE_S)
     origin = time.monotonic()
     for n in targets:
         before0 = time.monotonic() - SETTLE_S
@@ -250,8 +264,14 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(model)
     say(f"{spec.family}: {len(spec.moe_layers) * spec.num_experts} experts of {spec.expert_bytes / 2**20:.1f} MiB "
         f"({len(spec.moe_layers) * spec.num_experts * spec.expert_bytes / 2**20:.0f} MiB); {STREAMS} streams")
-    floor = actor_start_floor()
-    say(f"floor: starting one Ray actor that imports torch takes {floor:.2f}s")
+    probe = FloorProbe()
+    floor = {"idle": min(probe.measure() for _ in range(2))}
+    say(f"floor: starting one Ray actor that imports torch takes {floor['idle']:.2f}s on an idle machine")
+
+    def floor_under_load() -> None:
+        floor["under_load"] = probe.measure()
+        say(f"floor under the same load: {floor['under_load']:.2f}s")
+
     rows: list[dict] = []
     timeline: dict = {}
     for label, extra in (("one node", []), ("one node, standby 1", ["--standby", "1"])):
@@ -259,7 +279,10 @@ def run(args: argparse.Namespace) -> int:
         with ServerProcess(model, 2, "--ray-num-cpus", "4", *extra) as srv:
             if extra:
                 time.sleep(5)   # the standby worker starts after the server is up
-            run_changes(label, srv, spec.vocab_size, [3, 2], rows, timeline)
+            run_changes(label, srv, spec.vocab_size, [3, 2], rows, timeline,
+                        under_load=None if extra else floor_under_load)
+        if not extra:
+            probe.close()
     say("two raylet nodes: starting a Ray cluster on this machine")
     address, cluster = two_node_cluster()
     try:
@@ -278,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
                   r["bytes_copied"] / mb, r["bytes_loaded"] / mb, r["tok_s_before"], r["tok_s_during"],
                   r["tok_s_after"], r["max_gap_steady_s"] * 1000, r["max_gap_during_s"] * 1000,
                   r["pss_steady_mb"], r["pss_peak_during_mb"]] for r in rows])
-    print(f"\nfloor (one Ray actor importing torch): {floor:.2f}s; one expert = {spec.expert_bytes / mb:.1f} MB; "
+    print(f"\nfloor (one Ray actor importing torch): {floor['idle']:.2f}s idle, "
+          f"{floor.get('under_load', float('nan')):.2f}s under the same load; one expert = {spec.expert_bytes / mb:.1f} MB; "
           f"'during' spans at least {DURING_MIN_S:g}s from the request; PSS = all processes of the server and its Ray")
     write_json(args.json, {"model": model, "floor_actor_start_s": floor, "expert_mb": spec.expert_bytes / mb,
                            "streams": STREAMS, "results": rows})

@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, autoscale=args.autoscale, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
-        standby=args.standby, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
+        standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
         slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot)
     server = Server(config)
     stop = threading.Event()
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-step-tokens", type=int, default=512)
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--standby", type=int, default=0, help="warm workers kept ready for scale-up")
+    s.add_argument("--standby-refill-delay", type=float, default=10.0,
+                   help="seconds after a change before standby workers are started again")
     s.add_argument("--worker-cpus", type=float, default=0.5)
     s.add_argument("--worker-gpus", type=float, default=0.0)
     s.add_argument("--slots-per-worker", type=int, default=0)

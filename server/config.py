@@ -23,6 +23,7 @@ class ServerConfig:
     max_step_tokens: int = 512            # prefill chunk budget per engine step
     max_model_len: int | None = None      # None = the model's max_position_embeddings
     standby: int = 0
+    standby_refill_delay_s: float = 10.0  # a refill starts a process: not in the seconds right after a change
     worker_cpus: float = 0.5
     worker_gpus: float = 0.0
     slots_per_worker: int = 0             # 0 = as many as the model has experts per layer
@@ -40,7 +41,7 @@ class ServerConfig:
             "max_running": self.max_running >= 1, "max_step_tokens": self.max_step_tokens >= 1,
             "standby": self.standby >= 0, "worker_cpus": self.worker_cpus >= 0, "worker_gpus": self.worker_gpus >= 0,
             "slots_per_worker": self.slots_per_worker >= 0, "threads": self.threads >= 1,
-            "prepare_timeout_s": self.prepare_timeout_s > 0,
+            "prepare_timeout_s": self.prepare_timeout_s > 0, "standby_refill_delay_s": self.standby_refill_delay_s >= 0,
         }
         for name, ok in checks.items():
             if not ok:

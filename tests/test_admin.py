@@ -14,7 +14,7 @@ from tests.conftest import generate, running_server
 
 @pytest.fixture(scope="module")
 def server(tiny_models, ray_local):
-    with running_server(tiny_models["mixtral"], workers=1, standby=1) as s:
+    with running_server(tiny_models["mixtral"], workers=1, standby=1, standby_refill_delay_s=0) as s:
         deadline = time.monotonic() + 60
         while s.controller.standby_count() < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
