@@ -46,6 +46,9 @@ class ServerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+        if self.max_step_tokens < self.max_running:
+            # every running stream gets its decode token in every step; fewer would starve some
+            raise ValueError(f"--max-step-tokens {self.max_step_tokens} must be >= --max-running {self.max_running}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r} must be float32 or bfloat16")
 
