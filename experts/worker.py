@@ -61,6 +61,7 @@ class ExpertWorker:
     def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, host: str,
                  node_id: str = "", capacity: int = 0, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
+        _serve_at_normal_priority()
         self.worker_id = worker_id
         self.namespace = namespace
         self.model_dir = model_dir
@@ -211,6 +212,16 @@ class ExpertWorker:
         for seg in list(self._by_name.values()):
             seg.close()
         self._by_name.clear()
+
+
+def _serve_at_normal_priority() -> None:
+    """Ray starts its worker processes niced (15) unless the cluster was started with
+    RAY_worker_niceness=0; an expert worker is on the critical path of every engine step."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:   # not permitted without CAP_SYS_NICE: start the cluster with RAY_worker_niceness=0
+        pass
 
 
 def _ray_node_id() -> str:

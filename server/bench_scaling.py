@@ -156,12 +156,12 @@ def run_changes(label: str, server: ServerProcess, vocab: int, targets: list[int
     load = Load(server.channel, vocab)
     mem = MemorySampler(lambda: server.pids() + extra_pids())
     load.start()
+    origin = time.monotonic()
     admin = pb_grpc.AdminStub(server.channel)
     time.sleep(SETTLE_S)
     if under_load is not None:
         under_load()
         time.sleep(SETTLE_S)
-    origin = time.monotonic()
     for n in targets:
         before0 = time.monotonic() - SETTLE_S
         t0 = time.monotonic()
@@ -236,22 +236,23 @@ def _plot(timeline: dict, path: str) -> None:
 
     fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 2.6 * len(timeline)), squeeze=False)
     for ax, (label, data) in zip(axes[:, 0], timeline.items()):
-        ts = data["tokens"]
+        ts = sorted(data["tokens"])
         if not ts:
             continue
-        width = 0.25
-        bins = int(max(ts) / width) + 1
-        counts = [0] * bins
-        for t in ts:
-            if t >= 0:
-                counts[int(t / width)] += 1
-        ax.plot([i * width for i in range(bins)], [c / width for c in counts], lw=1)
+        # tokens/s over the trailing second, every 0.1 s: a step delivers a burst of tokens, so
+        # narrower bins would only show the step rhythm
+        import bisect
+
+        grid = [i * 0.1 for i in range(10, int(ts[-1] / 0.1) + 1)]
+        rate = [bisect.bisect_right(ts, g) - bisect.bisect_right(ts, g - 1.0) for g in grid]
+        ax.plot(grid, rate, lw=1)
         for t0, t1, name in data["changes"]:
             ax.axvspan(t0, t1, color="orange", alpha=0.3)
             ax.text(t0, ax.get_ylim()[1] * 0.9, name, fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.set_ylabel("tokens/s")
-    axes[-1, 0].set_xlabel("seconds (shaded: change of topology, request -> commit)")
+    axes[-1, 0].set_xlabel("seconds since the load started (shaded: change of topology, request -> commit); "
+                           "tokens/s over the trailing second")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     say(f"wrote {path}")
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
           f"{floor.get('under_load', float('nan')):.2f}s under the same load; one expert = {spec.expert_bytes / mb:.1f} MB; "
           f"'during' spans at least {DURING_MIN_S:g}s from the request; PSS = all processes of the server and its Ray")
     write_json(args.json, {"model": model, "floor_actor_start_s": floor, "expert_mb": spec.expert_bytes / mb,
-                           "streams": STREAMS, "results": rows})
+                           "streams": STREAMS, "results": rows, "timeline": timeline})
     if args.plot:
         _plot(timeline, args.plot)
     return 0

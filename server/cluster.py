@@ -38,6 +38,9 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     # stops Ray from handing a new actor one of its prestarted worker processes, which costs a
     # scale-up a whole Python start.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Ray starts worker processes at niceness 15; expert workers are on every step's critical
+    # path and must not yield the CPU to Ray's own housekeeping daemons
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
