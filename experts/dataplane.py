@@ -25,6 +25,14 @@ CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]
 
 
+class WorkerLost(RuntimeError):
+    """The connection to a worker broke: the worker died or its node went away."""
+
+    def __init__(self, worker_id: str, detail: str) -> None:
+        super().__init__(f"lost expert worker {worker_id}: {detail}")
+        self.worker_id = worker_id
+
+
 def recv_exact(sock: socket.socket, buf: memoryview) -> None:
     got = 0
     while got < len(buf):
@@ -141,10 +149,19 @@ class WorkerLink:
         self._seq += 1
         meta = torch.cat([expert_ids.to(torch.int32), counts.to(torch.int32), weights.float().view(torch.int32)])
         head = _REQ.pack(MAGIC, self._seq, layer, x.shape[0], expert_ids.shape[0], DTYPE_CODES[x.dtype])
-        send_parts(self.sock, [head, _bytes_of(x), _bytes_of(meta)])
+        try:
+            send_parts(self.sock, [head, _bytes_of(x), _bytes_of(meta)])
+        except OSError as exc:   # ConnectionError included
+            raise WorkerLost(self.worker_id, f"send on layer {layer}: {exc}") from exc
 
     def recv_into(self, layer: int, out: torch.Tensor) -> None:
         """Receive the reply straight into `out` ([M, D] float32, contiguous)."""
+        try:
+            self._recv_into(layer, out)
+        except OSError as exc:   # ConnectionError and socket timeouts included
+            raise WorkerLost(self.worker_id, f"reply on layer {layer}: {exc}") from exc
+
+    def _recv_into(self, layer: int, out: torch.Tensor) -> None:
         head = bytearray(_REP.size)
         recv_exact(self.sock, memoryview(head))
         magic, seq, status, size, spent = _REP.unpack(head)

@@ -111,6 +111,7 @@ class Server:
         max_len = min(c.max_model_len or spec.max_position, spec.max_position)
         self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats)
         self.metrics.watch_engine_phases(self.engine.profile.snapshot)
+        self.engine.on_worker_lost = self._on_worker_lost
         self.engine.start()
         self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
         self.controller = Controller(
@@ -128,6 +129,23 @@ class Server:
         if c.autoscale:
             self._start_autoscaler(c.autoscale)
         self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
+
+    def _on_worker_lost(self, worker_id: str) -> None:
+        threading.Thread(target=self._replace_worker, args=(worker_id,), name="replace-worker", daemon=True).start()
+
+    def _replace_worker(self, worker_id: str) -> None:
+        try:
+            report = self.controller.replace_lost(worker_id)
+        except Exception:
+            log.exception("could not replace lost worker %s; requests fail after the recovery timeout", worker_id)
+            self.metrics.scale_event("rebalance", "aborted")
+            return
+        if report is not None:
+            self.metrics.scale_event("rebalance", "committed", report.seconds)
+            for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied),
+                            ("disk", report.bytes_loaded)):
+                if n:
+                    self.metrics.bytes_moved(path, n)
 
     def _commit(self, backend) -> None:
         self.engine.commit(backend, backend.routing.version)

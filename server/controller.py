@@ -192,6 +192,35 @@ class Controller:
                  report.bytes_copied, report.bytes_loaded)
         return report
 
+    def replace_lost(self, dead: str, timeout: float = 60.0) -> ChangeReport | None:
+        """A worker died while serving: start a replacement and place the dead worker's experts
+        again, from surviving replicas or, where it held the only copy, from the checkpoint."""
+        if not self._lock.acquire(timeout=timeout):
+            raise ScaleRejected(f"worker {dead} lost, but a change of topology did not finish in {timeout}s")
+        try:
+            old = self.topology
+            if old is None or dead not in old.workers:
+                return None   # already replaced
+            live = self._live.pop(dead, None)
+            link = self._links.pop(dead, None)
+            if link:
+                link.close()
+            if live is not None:
+                try:
+                    ray.kill(live.handle)
+                except Exception:
+                    pass
+            keep = [i for i, w in enumerate(old.placement.workers) if w != dead]
+            reduced = Placement(tuple(old.placement.workers[i] for i in keep),
+                                tuple(old.placement.experts[i] for i in keep))
+            self.topology = Topology(old.version, reduced, {w: i for w, i in old.workers.items() if w != dead},
+                                     {k: v for k, v in old.segments.items() if k[0] != dead})
+            log.warning("worker %s lost: replacing it (topology v%d had %d workers)", dead, old.version,
+                        len(old.workers))
+            return self._change(len(old.workers))
+        finally:
+            self._lock.release()
+
     def _prepare(self, plan: Plan, old: Topology | None, infos: dict[str, WorkerInfo], handles: dict,
                  joining: list[_Live]) -> list[ReceiveResult]:
         by_dst: dict[str, list[Incoming]] = {}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from experts.attention import AttentionBatch
+from experts.dataplane import WorkerLost
 from experts.model import ExpertBackend, KVCache, MoEModel
 from experts.profile import StepProfile
 from memory.kv_blocks import KVBlockTable
@@ -84,6 +85,11 @@ class Engine:
         self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
         self.steps = 0
+        # a lost worker stalls stepping (requests keep their KV cache and their place) until the
+        # controller commits a topology without it; `on_worker_lost` asks it to
+        self.on_worker_lost: Callable[[str], None] | None = None
+        self.recovery_timeout_s = 120.0
+        self._lost: tuple[str, float] | None = None
         # always on: ~30 timed sections a step cost microseconds against steps of milliseconds,
         # and dashboards see where step time goes (elasticmoe_engine_step_phase_seconds_total)
         self.profile = StepProfile(enabled=True)
@@ -174,14 +180,17 @@ class Engine:
                 if hasattr(backend, "profile"):
                     backend.profile = self.profile
                 self.backend, self.version = backend, version
+                self._lost = None
                 done.set()
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             self._drain_inbox()
+            if self._lost is not None and self._recovery_overdue():
+                continue
             with self.profile("schedule"):
-                plan = self.scheduler.schedule() if self.backend is not None else []
+                plan = self.scheduler.schedule() if self.backend is not None and self._lost is None else []
             if not plan:
                 self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting,
                                       self.blocks.usage, 0)
@@ -191,6 +200,13 @@ class Engine:
             try:
                 with self.profile("step"):
                     self._step(plan)
+            except WorkerLost as exc:
+                # Nothing of this step was recorded: its K/V rows are rewritten identically when
+                # it runs again on the new topology, so every request carries on.
+                log.error("%s; holding %d requests until the controller replaces it", exc, len(plan))
+                self._lost = (exc.worker_id, time.monotonic())
+                if self.on_worker_lost is not None:
+                    self.on_worker_lost(exc.worker_id)
             except Exception as exc:  # a step that cannot run fails its requests, not the server
                 log.exception("engine step failed")
                 for item in plan:
@@ -198,6 +214,21 @@ class Engine:
                     req = self._requests.get(item.seq.seq_id)
                     if req is not None:
                         self._end(req, "error", error=f"engine step failed: {exc}")
+
+    def _recovery_overdue(self) -> bool:
+        """While stalled: True (skip this turn) until recovery commits or times out; on time-out
+        the running requests fail and stepping resumes."""
+        worker, since = self._lost
+        if time.monotonic() - since < self.recovery_timeout_s:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return True
+        for seq_id in list(self.scheduler.running):
+            req = self._requests.get(seq_id)
+            if req is not None:
+                self._end(req, "error", error=f"expert worker {worker} was lost and not replaced in time")
+        self._lost = None
+        return False
 
     def _step(self, plan: list[Scheduled]) -> None:
         prof = self.profile

@@ -79,15 +79,33 @@ class RemoteExperts:
             sizes_w = sizes[g0:g0 + ng]
             npairs = int(sizes_w.sum())
             link = self.links[w]
-            link.send(l, x[p0:p0 + npairs], groups[g0:g0 + ng] % num_experts, sizes_w, weights[p0:p0 + npairs])
+            try:
+                link.send(l, x[p0:p0 + npairs], groups[g0:g0 + ng] % num_experts, sizes_w, weights[p0:p0 + npairs])
+            except Exception:
+                _drain(sent, l, out)
+                raise
             sent.append((link, p0, npairs))
             g0 += ng
             p0 += npairs
         slowest = 0.0
-        for link, p0, npairs in sent:
-            link.recv_into(l, out[p0:p0 + npairs])
+        for i, (link, p0, npairs) in enumerate(sent):
+            try:
+                link.recv_into(l, out[p0:p0 + npairs])
+            except Exception:
+                _drain(sent[i + 1:], l, out)
+                raise
             slowest = max(slowest, link.last_compute_s)
         # the critical path's worker compute; the rest of "experts" is routing and transport
         self.profile.add("expert_ffn_on_worker", slowest)
         combined = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, out)
         return combined.to(hidden.dtype)
+
+
+def _drain(sent: list, layer: int, out: torch.Tensor) -> None:
+    """After a failed exchange, read and drop the replies the other links still owe, so that each
+    stays in step for the retry of the step."""
+    for link, p0, n in sent:
+        try:
+            link.recv_into(layer, out[p0:p0 + n])
+        except Exception:
+            pass

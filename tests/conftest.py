@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -78,3 +80,35 @@ def generate(channel: grpc.Channel, prompt_ids: list[int] | None = None, prompt:
         text += msg.text
         last = msg
     return tokens, text, last
+
+
+class Traffic:
+    """Clients streaming the reference prompts in a loop until stopped; records any mismatch."""
+
+    def __init__(self, server, prompts: list[list[int]], expected: list[list[int]], max_tokens: int = 16) -> None:
+        self.prompts, self.max_tokens = prompts, max_tokens
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.done = 0
+        self.threads = [threading.Thread(target=self._run, args=(server, i, expected[i])) for i in range(len(prompts))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, server, i: int, want: list[int]) -> None:
+        while not self.stop.is_set():
+            try:
+                got = generate(server.channel, self.prompts[i], max_tokens=self.max_tokens, ignore_eos=True)[0]
+            except grpc.RpcError as exc:
+                self.errors.append(f"{exc.code().name}: {exc.details()}")
+                return
+            if got != want:
+                self.errors.append(f"prompt {i}: tokens differ")
+            self.done += 1
+
+    def finish(self) -> None:
+        time.sleep(0.3)
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        assert not self.errors, self.errors
+        assert self.done > 0

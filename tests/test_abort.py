@@ -11,7 +11,7 @@ import ray
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
-from tests.conftest import generate, leftover_segments, running_server
+from tests.conftest import Traffic, generate, leftover_segments, running_server
 
 PROMPTS = [[5, 17, 33, 8], [100, 7, 9, 11, 250, 3], list(range(40, 60))]
 
@@ -29,43 +29,12 @@ def _state(server) -> tuple:
     return c.topology.version, tuple(c.topology.workers), slots, sorted(leftover_segments(server.namespace))
 
 
-class _Traffic:
-    """Clients streaming the reference prompts in a loop until stopped; records any mismatch."""
-
-    def __init__(self, server, expected: list[list[int]]) -> None:
-        self.stop = threading.Event()
-        self.errors: list[str] = []
-        self.done = 0
-        self.threads = [threading.Thread(target=self._run, args=(server, i, expected[i])) for i in range(len(PROMPTS))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, server, i: int, want: list[int]) -> None:
-        while not self.stop.is_set():
-            try:
-                got = generate(server.channel, PROMPTS[i], max_tokens=16, ignore_eos=True)[0]
-            except grpc.RpcError as exc:
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
-                return
-            if got != want:
-                self.errors.append(f"prompt {i}: tokens differ")
-            self.done += 1
-
-    def finish(self) -> None:
-        time.sleep(0.3)
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-        assert not self.errors, self.errors
-        assert self.done > 0
-
-
 def test_failed_transfer_aborts_and_leaves_nothing_behind(server):
     expected = [generate(server.channel, p, max_tokens=16, ignore_eos=True)[0] for p in PROMPTS]
     before = _state(server)
     # scale 2 -> 1: w1 receives w2's experts; its transfer fails after two of them arrived
     ray.get(server.controller._live["w1"].handle.inject_fault.remote(2))
-    traffic = _Traffic(server, expected)
+    traffic = Traffic(server, PROMPTS, expected)
     admin = pb_grpc.AdminStub(server.channel)
     with pytest.raises(grpc.RpcError) as err:
         admin.Scale(pb.ScaleRequest(num_workers=1), timeout=120)
@@ -99,7 +68,7 @@ def test_joining_worker_killed_mid_prepare_aborts(server):
 
     k = threading.Thread(target=killer)
     k.start()
-    traffic = _Traffic(server, expected)
+    traffic = Traffic(server, PROMPTS, expected)
     with pytest.raises(grpc.RpcError) as err:
         pb_grpc.AdminStub(server.channel).Scale(pb.ScaleRequest(num_workers=3), timeout=120)
     killed.set()
