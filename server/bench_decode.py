@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(["system", "batch", "tok/s", "step ms", "attention", "router", "exchange", "expert FFN", "other"],
                 [[r["system"], r["batch"], r["tokens_per_s"], *_breakdown(r)] for r in rows])
     layers = len(spec.moe_layers)
-    print(f"\nfloor of the exchange: one bare TCP round trip per MoE layer carrying all the step's rows: "
+    print("\nfloor of the exchange: one bare TCP round trip per MoE layer carrying all the step's rows: "
           + ", ".join(f"batch {b}: {1000 * layers * f:.2f} ms/step" for b, f in floors.items()))
     write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN, "results": rows,
                            "exchange_floor_ms_per_step": {b: 1000 * layers * f for b, f in floors.items()}})
