@@ -77,3 +77,14 @@ def test_standby_worker_makes_scale_up_skip_the_process_start(server):
     while server.controller.standby_count() < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.controller.standby_count() == 1
+
+
+def test_asking_rays_autoscaler_for_more_nodes_works_against_a_real_cluster(server):
+    """What the autoscaler does when a target does not fit: a real request_resources call, and the
+    controller's own check names what is missing."""
+    from server import cluster
+
+    missing = server.controller.check_capacity(64)
+    assert missing and "CPU" in missing
+    cluster.request_resources(64, server.controller.resources)   # records the demand in Ray's GCS
+    cluster.request_resources(0, server.controller.resources)    # and withdraws it
