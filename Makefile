@@ -30,11 +30,12 @@ test-all: $(STAMP)
 bench-decode: $(STAMP) $(MODEL)/config.json
 	$(BIN)/elasticmoe bench decode --model $(MODEL) --json results/decode.json --plot results/decode.png
 
+# several hundred MB of experts, written there on first use
 bench-scaling: $(STAMP)
-	$(BIN)/elasticmoe bench scaling --model $(MODEL) --json results/scaling.json --plot results/scaling.png
+	$(BIN)/elasticmoe bench scaling --model .bench-scaling-model --json results/scaling.json --plot results/scaling.png
 
 proto: $(STAMP)
 	$(BIN)/python -m server.api.codegen
 
 clean:
-	rm -rf $(VENV) $(MODEL) results
+	rm -rf $(VENV) $(MODEL) .bench-scaling-model
