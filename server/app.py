@@ -23,7 +23,8 @@ from server import cluster
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
-from server.controller import ChangeReport, Controller
+from server.controller import Controller
+from server.topology import ChangeReport, ScaleRejected
 from server.engine import Engine, EngineObserver, Request
 from server.frontend import AdminServicer, InferenceServicer
 from server.latency_window import LatencyWindow, RateWindow
@@ -164,7 +165,6 @@ class Server:
         try:
             report = self.controller.scale(num_workers)
         except Exception as exc:
-            from server.controller import ScaleRejected
             if before and not isinstance(exc, (ScaleRejected, ValueError)):
                 self.metrics.scale_event(direction, "aborted")
             raise

@@ -15,7 +15,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -27,32 +27,9 @@ from experts.worker import Incoming, ReceiveResult, WorkerInfo
 from server import cluster
 from server.cluster import WorkerResources
 from server.exchange import RemoteExperts, Routing
+from server.topology import ChangeReport, ScaleRejected, Topology
 
 log = logging.getLogger(__name__)
-
-
-class ScaleRejected(Exception):
-    """A change that cannot start now (one is running, or the cluster cannot hold the target)."""
-
-
-@dataclass(frozen=True)
-class Topology:
-    version: int
-    placement: Placement
-    workers: dict[str, WorkerInfo]
-    segments: dict[tuple[str, int, int], str]   # (worker, MoE layer, expert) -> segment name
-
-
-@dataclass
-class ChangeReport:
-    direction: str                  # up | down | rebalance
-    topology: Topology
-    seconds: float = 0.0
-    parts: dict[str, float] = field(default_factory=dict)   # plan, start, transfer, commit, release
-    bytes_remapped: int = 0
-    bytes_copied: int = 0
-    bytes_loaded: int = 0
-    moves: dict[str, int] = field(default_factory=dict)      # experts moved per path: remap, peer, disk
 
 
 @dataclass
