@@ -88,11 +88,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache[meta.slot_mapping] = v
     t, hq, d = q.shape
     hkv = k.shape[1]
-    qp = q.new_zeros(meta.batch * meta.max_q, hq, d)
-    qp[meta.q_index] = q
-    qp = qp.view(meta.batch, meta.max_q, hq, d).transpose(1, 2)          # [B, Hq, Q, d]
+    decode_only = meta.max_q == 1   # every sequence feeds one token: no padding to lay out
+    if decode_only:
+        qp = q.unsqueeze(2)                                                # [B, Hq, 1, d]
+    else:
+        qp = q.new_zeros(meta.batch * meta.max_q, hq, d)
+        qp[meta.q_index] = q
+        qp = qp.view(meta.batch, meta.max_q, hq, d).transpose(1, 2)      # [B, Hq, Q, d]
     kp = k_cache[meta.gather].transpose(1, 2)                              # [B, Hkv, K, d]
     vp = v_cache[meta.gather].transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, enable_gqa=hq != hkv)
+    if decode_only:
+        return out.squeeze(2)
     out = out.transpose(1, 2).reshape(meta.batch * meta.max_q, hq, d)
     return out[meta.q_index]
