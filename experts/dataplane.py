@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 MAGIC = b"EMX1"
@@ -143,14 +144,15 @@ class WorkerLink:
         self._seq = 0
         self.last_compute_s = 0.0   # the worker's own compute time for the last reply
 
-    def send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor,
-             weights: torch.Tensor) -> None:
-        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M]."""
+    def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
+             weights: np.ndarray) -> None:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32)."""
         self._seq += 1
-        meta = torch.cat([expert_ids.to(torch.int32), counts.to(torch.int32), weights.float().view(torch.int32)])
+        meta = np.concatenate([expert_ids.astype(np.int32), counts.astype(np.int32),
+                               weights.astype(np.float32).view(np.int32)])
         head = _REQ.pack(MAGIC, self._seq, layer, x.shape[0], expert_ids.shape[0], DTYPE_CODES[x.dtype])
         try:
-            send_parts(self.sock, [head, _bytes_of(x), _bytes_of(meta)])
+            send_parts(self.sock, [head, _bytes_of(x), memoryview(meta)])
         except OSError as exc:   # ConnectionError included
             raise WorkerLost(self.worker_id, f"send on layer {layer}: {exc}") from exc
 

@@ -246,7 +246,7 @@ class Engine:
         counts = getattr(backend, "expert_counts", None)
         if counts:
             for layer, c in counts.items():
-                routed = c.numpy()
+                routed = np.asarray(c)
                 self.expert_load[layer] += routed
                 self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
         self.steps += 1

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from experts.dataplane import WorkerLink
-from experts.ffn import group_pairs
 from experts.profile import NO_PROFILE, StepProfile
 
 
@@ -55,38 +55,44 @@ class RemoteExperts:
         self.links = [links[w] for w in routing.workers]
         self.moe_index = dict(moe_index)
         self.hidden = hidden
-        self.expert_counts: dict[int, torch.Tensor] = {}   # MoE layer -> routed pairs per expert, this step
+        self.expert_counts: dict[int, np.ndarray] = {}     # MoE layer -> routed pairs per expert, this step
 
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
+        # The routing below runs on every layer of every step over a few dozen pairs: numpy's
+        # per-call cost is a fraction of torch's at these sizes, and the arrays are views.
         l = self.moe_index[layer]
         t, a = topk_ids.shape
-        flat_e = topk_ids.reshape(-1)
-        num_experts = self.routing.count[l].shape[0]
-        self.expert_counts[l] = torch.bincount(flat_e, minlength=num_experts)
-        token = torch.arange(t).repeat_interleave(a)
-        replica = token % self.routing.count[l][flat_e]
-        owner = self.routing.holders[l][flat_e, replica]
-        order, tokens, groups, sizes = group_pairs(topk_ids, topk_weights, owner, num_experts)
-        x = hidden[tokens]                                   # one row per pair, grouped
-        weights = topk_weights.reshape(-1)[order]
-        out = torch.empty(x.shape, dtype=torch.float32)     # the workers' replies land here
-        group_owner = torch.div(groups, num_experts, rounding_mode="floor")
-        owners, groups_per_owner = torch.unique_consecutive(group_owner, return_counts=True)
+        holders, count = self.routing.holders[l].numpy(), self.routing.count[l].numpy()
+        num_experts = count.shape[0]
+        ids = topk_ids.numpy().reshape(-1)
+        self.expert_counts[l] = np.bincount(ids, minlength=num_experts)
+        token = np.repeat(np.arange(t), a)
+        owner = holders[ids, token % count[ids]]          # replica chosen by token: spreads hot experts
+        key = owner * num_experts + ids
+        order = np.argsort(key, kind="stable")            # pairs grouped by (worker, expert)
+        sorted_key = key[order]
+        starts = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
+        sizes = np.diff(np.append(starts, len(sorted_key)))
+        groups = sorted_key[starts]
+        tokens = torch.from_numpy(order // a)
+        x = hidden[tokens]                                # one row per pair, grouped
+        weights = topk_weights.float().numpy().reshape(-1)[order]
+        out = torch.empty(x.shape, dtype=torch.float32)  # the workers' replies land here
+        group_owner = groups // num_experts
+        owner_starts = np.flatnonzero(np.concatenate(([True], group_owner[1:] != group_owner[:-1])))
+        owner_ends = np.append(owner_starts[1:], len(groups))
         sent = []
-        g0 = p0 = 0
-        for w, ng in zip(owners.tolist(), groups_per_owner.tolist()):
-            sizes_w = sizes[g0:g0 + ng]
-            npairs = int(sizes_w.sum())
-            link = self.links[w]
+        for g0, g1 in zip(owner_starts.tolist(), owner_ends.tolist()):
+            p0 = int(starts[g0])
+            p1 = int(starts[g1]) if g1 < len(starts) else len(sorted_key)
+            link = self.links[int(group_owner[g0])]
             try:
-                link.send(l, x[p0:p0 + npairs], groups[g0:g0 + ng] % num_experts, sizes_w, weights[p0:p0 + npairs])
+                link.send(l, x[p0:p1], groups[g0:g1] % num_experts, sizes[g0:g1], weights[p0:p1])
             except Exception:
                 _drain(sent, l, out)
                 raise
-            sent.append((link, p0, npairs))
-            g0 += ng
-            p0 += npairs
+            sent.append((link, p0, p1 - p0))
         slowest = 0.0
         for i, (link, p0, npairs) in enumerate(sent):
             try:
