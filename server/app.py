@@ -91,6 +91,7 @@ class Server:
         self.stats = ServingStats(self.metrics)
         self._stopping = threading.Event()
         self.grpc_server: grpc.Server | None = None
+        self.engine: Engine | None = None     # shutdown() must work after a start that failed midway
         self.controller: Controller | None = None
         self.autoscaler = None
         self.started_ray = False
@@ -102,6 +103,9 @@ class Server:
 
     def start(self) -> None:
         c, spec = self.config, self.spec
+        if c.autoscale:   # a bad policy file fails here, before anything is started
+            from server.autoscaler import AutoscalePolicy
+            AutoscalePolicy.from_yaml(c.autoscale)
         self._progress(f"loading {spec.family} from {c.model}: {len(spec.moe_layers)} MoE layers x "
                        f"{spec.num_experts} experts, {spec.dtype}")
         weights = Checkpoint(c.model).dense_state(TORCH_DTYPES[spec.dtype])
@@ -114,19 +118,23 @@ class Server:
         self.metrics.watch_engine_phases(self.engine.profile.snapshot)
         self.engine.on_worker_lost = self._on_worker_lost
         self.engine.start()
-        self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
         self.controller = Controller(
             spec, os.path.abspath(c.model), self.namespace, self._commit,
             cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
             c.prepare_timeout_s, self._expert_load, c.replicate_hot)
-        self._progress(f"starting {c.workers} expert workers on Ray")
-        self.scale(c.workers)
-        if c.standby:
-            self._progress(f"starting {c.standby} standby workers")
-            self.controller.fill_standby()
+        # ports first: a port already taken fails the start before Ray or any worker is started;
+        # health answers NOT_SERVING until the experts are in place (requests meanwhile wait)
         self._start_grpc()
         if c.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+        self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
+        self._progress(f"starting {c.workers} expert workers on Ray")
+        self.scale(c.workers)
+        for name in self._health_names:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if c.standby:
+            self._progress(f"starting {c.standby} standby workers")
+            self.controller.fill_standby()
         if c.autoscale:
             self._start_autoscaler(c.autoscale)
         self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
@@ -197,9 +205,10 @@ class Server:
         self.port = server.add_insecure_port(f"{c.host}:{c.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC on {c.host}:{c.port}")
+        self._health_names = ("", *names[:2])
+        for name in self._health_names:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
-        for name in ("", *names[:2]):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.grpc_server = server
 
     def _start_autoscaler(self, path: str) -> None:
@@ -214,7 +223,8 @@ class Server:
         if self.grpc_server is not None:
             self.health.enter_graceful_shutdown()
             self.grpc_server.stop(grace=2).wait()
-        self.engine.stop()
+        if self.engine is not None:
+            self.engine.stop()
         if self.controller is not None:
             self.controller.shutdown()
         unlink_namespace(self.namespace)

@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:   # bad input from the command line: say so, no traceback
         print(f"elasticmoe: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the server could not start (a port taken, workers that never came up)
+        print(f"elasticmoe: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
