@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,53 @@ class AttentionBatch:
     batch: int
     max_q: int
     rope_cache: dict = field(default_factory=dict)   # theta -> (cos, sin) [T, 1, d]; shared by all layers
+
+    def rotary(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of this step's positions, computed once per step instead of once per layer."""
+        key = (head_dim, theta, dtype)
+        cached = self.rope_cache.get(key)
+        if cached is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            freqs = self.positions.float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cached = self.rope_cache[key] = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
+        return cached
+
+    @staticmethod
+    def build(q_lens: Sequence[int], kv_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int) -> "AttentionBatch":
+        # vectorised over the batch: this runs once per step, before every layer
+        q = np.asarray(q_lens, dtype=np.int64)
+        kv = np.asarray(kv_lens, dtype=np.int64)
+        b, max_q, max_k = len(q), int(q.max()), int(kv.max())
+        assert (q > 0).all() and (q <= kv).all(), (q_lens, kv_lens)
+        width = max(len(t) for t in block_tables)
+        tables = np.zeros((b, width), dtype=np.int64)
+        for i, t in enumerate(block_tables):
+            assert len(t) * block_size >= kv[i], (len(t), kv[i])
+            tables[i, :len(t)] = t
+        pos = np.arange(max_k)
+        gather = tables[:, np.minimum(pos // block_size, width - 1)] * block_size + pos % block_size
+        gather[pos[None, :] >= kv[:, None]] = 0
+        start = kv - q                                        # first new token's position, per sequence
+        seq = np.repeat(np.arange(b), q)                      # [T] sequence of each new token
+        offset = np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q)
+        positions = start[seq] + offset
+        rows = np.arange(max_q)
+        # causal: new token i of sequence b (position start_b + i) sees context 0 ..= start_b + i
+        mask = (pos[None, None, :] <= (start[:, None] + rows[None, :])[:, :, None]) & (rows[None, :, None] < q[:, None, None])
+        # padded query rows attend to slot 0 only so that softmax stays finite; they are dropped
+        mask[:, :, 0] |= rows[None, :] >= q[:, None]
+        return AttentionBatch(
+            positions=torch.from_numpy(positions),
+            slot_mapping=torch.from_numpy(gather[seq, positions]),
+            gather=torch.from_numpy(gather),
+            mask=torch.from_numpy(mask[:, None]),
+            q_index=torch.from_numpy(seq * max_q + offset),
+            last_index=torch.from_numpy(np.cumsum(q) - 1),
+            batch=b,
+            max_q=max_q,
+        )
 
     def rotary(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this step's positions, computed once per step instead of once per layer."""

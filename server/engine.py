@@ -253,8 +253,12 @@ class Engine:
         now = time.monotonic()
         generated = 0
         with prof("sample_and_stream"):
+            greedy = logits.argmax(dim=-1).tolist()   # one op for every greedy row of the batch
             for i, item in enumerate(plan):
-                token = self._samplers[item.seq.seq_id](logits[i]) if item.samples else None
+                token = None
+                if item.samples:
+                    sampler = self._samplers[item.seq.seq_id]
+                    token = greedy[i] if sampler.params.greedy else sampler(logits[i])
                 self.scheduler.advance(item, token)
                 if token is not None:
                     generated += 1
