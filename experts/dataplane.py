@@ -8,6 +8,7 @@ worker; a worker serves any number of links (for example a standby link opened d
 from __future__ import annotations
 
 import socket
+from collections import deque
 import struct
 import threading
 import time
@@ -142,12 +143,14 @@ class WorkerLink:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._seq = 0
+        self._owed: deque[int] = deque()   # requests sent and not yet answered, oldest first
         self.last_compute_s = 0.0   # the worker's own compute time for the last reply
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
              weights: np.ndarray) -> None:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32)."""
         self._seq += 1
+        self._owed.append(self._seq)
         meta = np.concatenate([expert_ids.astype(np.int32), counts.astype(np.int32),
                                weights.astype(np.float32).view(np.int32)])
         head = _REQ.pack(MAGIC, self._seq, layer, x.shape[0], expert_ids.shape[0], DTYPE_CODES[x.dtype])
@@ -168,7 +171,8 @@ class WorkerLink:
         recv_exact(self.sock, memoryview(head))
         magic, seq, status, size, spent = _REP.unpack(head)
         self.last_compute_s = spent / 1e9
-        if magic != MAGIC or seq != self._seq:
+        expected = self._owed.popleft() if self._owed else None
+        if magic != MAGIC or seq != expected:
             raise RuntimeError(f"worker {self.worker_id}: out of step on layer {layer} ({magic!r}, {seq})")
         if status:
             msg = bytearray(size)

@@ -7,7 +7,8 @@ worker or on ten is the backend's business (no parallelism in here).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from collections import deque
+from typing import Generator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,21 +77,38 @@ class MoEModel:
     def forward(self, input_ids: torch.Tensor, meta: AttentionBatch, cache: KVCache,
                 experts: ExpertBackend, timer: StepProfile = NO_PROFILE) -> torch.Tensor:
         """input_ids [T] -> logits [B, V] of each sequence's last new token."""
+        return run_steps([self.steps(input_ids, meta, cache, timer)], experts, timer)[0]
+
+    def steps(self, input_ids: torch.Tensor, meta: AttentionBatch, cache: KVCache,
+              timer: StepProfile = NO_PROFILE) -> ModelSteps:
+        """The forward pass as a generator that hands each MoE layer's routed experts to its driver:
+        it yields ("start", layer, x, topk_ids, topk_weights) and gets a handle back, does the
+        engine's own share of the layer (the shared expert), then yields ("finish", handle) and gets
+        the experts' output. Returns the logits. Who runs the experts, and what the driver does
+        while they run (another micro-batch), is not the model's business."""
         spec, w = self.spec, self.w
-        h = F.embedding(input_ids, w["model.embed_tokens.weight"])
+        with torch.inference_mode():
+            h = F.embedding(input_ids, w["model.embed_tokens.weight"])
         for layer in range(spec.num_layers):
             p = f"model.layers.{layer}"
-            with timer("attention"):
+            with torch.inference_mode(), timer("attention"):
                 x = rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
                 h = h + self._attention(layer, x, meta, cache)
                 x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
             if layer in self._moe_prefix:
-                h = h + self._moe(layer, x, experts, timer)
+                with torch.inference_mode(), timer("router"):
+                    top_i, top_w = self.route(layer, x)
+                handle = yield ("start", layer, x, top_i, top_w)
+                with torch.inference_mode():
+                    shared = self._shared_expert(layer, x)
+                routed = yield ("finish", handle)
+                with torch.inference_mode():
+                    h = h + (routed if shared is None else routed + shared)
             else:
-                with timer("dense_mlp"):
+                with torch.inference_mode(), timer("dense_mlp"):
                     h = h + swiglu(x, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
                                    w[f"{p}.mlp.down_proj.weight"])
-        with timer("lm_head"):
+        with torch.inference_mode(), timer("lm_head"):
             h = rms_norm(h[meta.last_index], w["model.norm.weight"], spec.rms_eps)
             return F.linear(h, w["lm_head.weight"]).float()
 
@@ -126,15 +144,55 @@ class MoEModel:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return top_i, top_w.to(x.dtype)
 
-    def _moe(self, layer: int, x: torch.Tensor, experts: ExpertBackend, timer: StepProfile) -> torch.Tensor:
-        with timer("router"):
-            top_i, top_w = self.route(layer, x)
-        with timer("experts"):
-            out = experts(layer, x, top_i, top_w)
-        if self.spec.shared_intermediate:
-            p = f"{self._moe_prefix[layer]}"
-            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
-                            self.w[f"{p}.shared_expert.up_proj.weight"],
-                            self.w[f"{p}.shared_expert.down_proj.weight"])
-            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
-        return out
+    def _shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-MoE's shared expert, gated; it runs on the engine while the workers run theirs."""
+        if not self.spec.shared_intermediate:
+            return None
+        p = self._moe_prefix[layer]
+        shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"], self.w[f"{p}.shared_expert.up_proj.weight"],
+                        self.w[f"{p}.shared_expert.down_proj.weight"])
+        return torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+
+
+# ("start", layer, x, topk_ids, topk_weights) | ("finish", handle); sent: handle | output; returns logits
+ModelSteps = Generator[tuple, object, torch.Tensor]
+
+
+def run_steps(passes: list[ModelSteps], experts: ExpertBackend, timer: StepProfile = NO_PROFILE) -> list[torch.Tensor]:
+    """Drive forward passes to their logits. With one pass this is a plain forward; with two
+    (micro-batches of one step), while the workers run one pass's experts the engine runs the other
+    pass's attention, so neither side waits for the other."""
+    start = getattr(experts, "start", None)
+    finish = getattr(experts, "finish", None)
+    if start is None:   # a backend without the split: compute at start, hand back at finish
+        start, finish = (lambda *call: experts(*call)), (lambda handle: handle)
+    results: list[torch.Tensor | None] = [None] * len(passes)
+    waiting: deque[tuple[int, object]] = deque()
+
+    def advance(i: int, value: object) -> None:
+        """Run pass i until it must wait for its experts (queued) or ends (result kept)."""
+        try:
+            msg = passes[i].send(value)
+            while msg[0] == "start":
+                with torch.inference_mode(), timer("experts"):
+                    handle = start(*msg[1:])
+                msg = passes[i].send(handle)
+            waiting.append((i, msg[1]))
+        except StopIteration as done:
+            results[i] = done.value
+
+    try:
+        for i in range(len(passes)):
+            advance(i, None)
+        while waiting:
+            i, handle = waiting.popleft()
+            with torch.inference_mode(), timer("experts"):
+                out = finish(handle)
+            advance(i, out)
+    except BaseException:
+        abandon = getattr(experts, "abandon", None)
+        for _, handle in waiting:   # replies still owed on the links must be read before a retry
+            if abandon is not None:
+                abandon(handle)
+        raise
+    return results  # type: ignore[return-value]

@@ -114,7 +114,7 @@ class Server:
         cache = KVCache(spec, c.num_blocks, c.block_size)
         scheduler = Scheduler(blocks, c.max_waiting, c.max_running, c.max_step_tokens)
         max_len = min(c.max_model_len or spec.max_position, spec.max_position)
-        self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats)
+        self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats, c.overlap)
         self.metrics.watch_engine_phases(self.engine.profile.snapshot)
         self.engine.on_worker_lost = self._on_worker_lost
         self.engine.start()

@@ -30,6 +30,7 @@ class ServerConfig:
     replicate_hot: bool = False
     prepare_timeout_s: float = 300.0
     threads: int = 1                      # torch threads of the engine process
+    overlap: bool = False                 # two micro-batches per step, engine and workers overlapped
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():

@@ -18,7 +18,7 @@ import torch
 
 from experts.attention import AttentionBatch
 from experts.dataplane import WorkerLost
-from experts.model import ExpertBackend, KVCache, MoEModel
+from experts.model import ExpertBackend, KVCache, MoEModel, run_steps
 from experts.profile import StepProfile
 from memory.kv_blocks import KVBlockTable
 from server.detokenize import IncrementalDetokenizer
@@ -62,7 +62,7 @@ class EngineObserver:
 
 class Engine:
     def __init__(self, model: MoEModel, tokenizer, blocks: KVBlockTable, cache: KVCache, scheduler: Scheduler,
-                 max_model_len: int, observer: EngineObserver | None = None) -> None:
+                 max_model_len: int, observer: EngineObserver | None = None, overlap: bool = False) -> None:
         self.model = model
         self.spec = model.spec
         self.tokenizer = tokenizer
@@ -71,6 +71,7 @@ class Engine:
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.observer = observer or EngineObserver()
+        self.overlap = overlap
         self.backend: ExpertBackend | None = None
         self.version = 0
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
@@ -232,16 +233,22 @@ class Engine:
 
     def _step(self, plan: list[Scheduled]) -> None:
         prof = self.profile
-        with prof("inputs"):
-            ids, q_lens, kv_lens, tables = [], [], [], []
-            for item in plan:
-                ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
-                q_lens.append(item.num_tokens)
-                kv_lens.append(item.start + item.num_tokens)
-                tables.append(self.blocks.blocks(item.seq.seq_id))
-            meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
         backend = self.backend
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), meta, self.cache, backend, prof)
+        # two micro-batches: the engine runs one's attention while the workers run the other's experts
+        halves = _split(plan) if self.overlap and len(plan) >= 2 else [plan]
+        passes = []
+        with prof("inputs"):
+            for part in halves:
+                ids, q_lens, kv_lens, tables = [], [], [], []
+                for item in part:
+                    ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
+                    q_lens.append(item.num_tokens)
+                    kv_lens.append(item.start + item.num_tokens)
+                    tables.append(self.blocks.blocks(item.seq.seq_id))
+                meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
+                passes.append(self.model.steps(torch.tensor(ids, dtype=torch.long), meta, self.cache, prof))
+        plan = [item for part in halves for item in part]
+        logits = torch.cat(run_steps(passes, backend, prof))
         prof.steps += 1
         counts = getattr(backend, "expert_counts", None)
         if counts:
@@ -249,6 +256,7 @@ class Engine:
                 routed = np.asarray(c)
                 self.expert_load[layer] += routed
                 self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
+            counts.clear()
         self.steps += 1
         now = time.monotonic()
         generated = 0
@@ -301,3 +309,15 @@ class Engine:
                                prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion))
         status = {"length": "ok", "stop": "ok", "eos": "ok"}.get(finish, finish)
         self.observer.on_finish(req, status, req.completion)
+
+
+def _split(plan: list[Scheduled]) -> list[list[Scheduled]]:
+    """Two halves of a step with about as many tokens each (both non-empty)."""
+    total = sum(item.num_tokens for item in plan)
+    acc, cut = 0, 1
+    for i, item in enumerate(plan[:-1]):
+        acc += item.num_tokens
+        cut = i + 1
+        if acc * 2 >= total:
+            break
+    return [plan[:cut], plan[cut:]]

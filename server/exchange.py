@@ -59,6 +59,11 @@ class RemoteExperts:
 
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(layer, hidden, topk_ids, topk_weights))
+
+    def start(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> "_Exchange":
+        """Send each worker its pairs of this layer; the workers compute while the caller goes on."""
         # The routing below runs on every layer of every step over a few dozen pairs: numpy's
         # per-call cost is a fraction of torch's at these sizes, and the arrays are views.
         l = self.moe_index[layer]
@@ -66,7 +71,8 @@ class RemoteExperts:
         holders, count = self.routing.holders[l].numpy(), self.routing.count[l].numpy()
         num_experts = count.shape[0]
         ids = topk_ids.numpy().reshape(-1)
-        self.expert_counts[l] = np.bincount(ids, minlength=num_experts)
+        routed = np.bincount(ids, minlength=num_experts)   # summed over the step's micro-batches
+        self.expert_counts[l] = self.expert_counts[l] + routed if l in self.expert_counts else routed
         token = np.repeat(np.arange(t), a)
         owner = holders[ids, token % count[ids]]          # replica chosen by token: spreads hot experts
         key = owner * num_experts + ids
@@ -93,18 +99,37 @@ class RemoteExperts:
                 _drain(sent, l, out)
                 raise
             sent.append((link, p0, p1 - p0))
+        return _Exchange(l, sent, out, tokens, hidden.shape, hidden.dtype)
+
+    def finish(self, ex: "_Exchange") -> torch.Tensor:
+        """Receive the workers' replies of one started exchange and add up each token's rows."""
         slowest = 0.0
-        for i, (link, p0, npairs) in enumerate(sent):
+        for i, (link, p0, npairs) in enumerate(ex.sent):
             try:
-                link.recv_into(l, out[p0:p0 + npairs])
+                link.recv_into(ex.layer, ex.out[p0:p0 + npairs])
             except Exception:
-                _drain(sent[i + 1:], l, out)
+                _drain(ex.sent[i + 1:], ex.layer, ex.out)
                 raise
             slowest = max(slowest, link.last_compute_s)
         # the critical path's worker compute; the rest of "experts" is routing and transport
         self.profile.add("expert_ffn_on_worker", slowest)
-        combined = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, out)
-        return combined.to(hidden.dtype)
+        combined = torch.zeros(ex.shape, dtype=torch.float32).index_add_(0, ex.tokens, ex.out)
+        return combined.to(ex.dtype)
+
+    def abandon(self, ex: "_Exchange") -> None:
+        """A started exchange that will not be finished: read and drop the replies it is owed."""
+        _drain(ex.sent, ex.layer, ex.out)
+
+
+@dataclass
+class _Exchange:
+    """One started exchange: which links owe replies, and where they land."""
+    layer: int
+    sent: list
+    out: torch.Tensor
+    tokens: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 def _drain(sent: list, layer: int, out: torch.Tensor) -> None:

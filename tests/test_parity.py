@@ -74,3 +74,20 @@ def test_greedy_tokens_match_transformers_at_1_2_3_workers(tiny_models, ray_loca
                     for p in PROMPTS * 2]
             for fut, want in zip(futs, expected * 2):
                 assert fut.result()[0] == want
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_overlapped_micro_batches_give_the_same_tokens(tiny_models, ray_local, family):
+    """--overlap splits each step in two micro-batches; every stream's tokens stay transformers'."""
+    d = tiny_models[family]
+    expected = [hf_greedy(d, p) for p in PROMPTS]
+    with running_server(d, workers=2, overlap=True) as server:
+        with ThreadPoolExecutor(6) as pool:
+            futs = [pool.submit(generate, server.channel, p, max_tokens=NEW_TOKENS, ignore_eos=True)
+                    for p in PROMPTS * 2]
+            for fut, want in zip(futs, expected * 2):
+                assert fut.result()[0] == want
+        server.scale(3)   # a change of topology between micro-batched steps
+        assert generate(server.channel, PROMPTS[1], max_tokens=NEW_TOKENS, ignore_eos=True)[0] == expected[1]
+        routed = server.engine.expert_load.sum()
+        assert routed > 0
