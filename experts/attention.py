@@ -73,53 +73,6 @@ class AttentionBatch:
             max_q=max_q,
         )
 
-    def rotary(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of this step's positions, computed once per step instead of once per layer."""
-        key = (head_dim, theta, dtype)
-        cached = self.rope_cache.get(key)
-        if cached is None:
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-            freqs = self.positions.float()[:, None] * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cached = self.rope_cache[key] = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
-        return cached
-
-    @staticmethod
-    def build(q_lens: Sequence[int], kv_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
-              block_size: int) -> "AttentionBatch":
-        b = len(q_lens)
-        max_q, max_k = max(q_lens), max(kv_lens)
-        positions, slots, q_index, last = [], [], [], []
-        gather = torch.zeros(b, max_k, dtype=torch.long)
-        mask = torch.zeros(b, 1, max_q, max_k, dtype=torch.bool)
-        t = 0
-        for i, (q, k, table) in enumerate(zip(q_lens, kv_lens, block_tables)):
-            assert 0 < q <= k, (q, k)
-            assert len(table) * block_size >= k, (len(table), k)
-            pos = torch.arange(k)
-            ctx_slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-            gather[i, :k] = ctx_slots
-            start = k - q
-            positions.append(pos[start:])
-            slots.append(ctx_slots[start:])
-            q_index.append(torch.arange(q) + i * max_q)
-            # causal: new token j (absolute start + j) sees context 0 ..= start + j
-            mask[i, 0, :q, :k] = pos[None, :] <= (start + torch.arange(q))[:, None]
-            # padded query rows attend to slot 0 only so that softmax stays finite; they are dropped
-            mask[i, 0, q:, 0] = True
-            t += q
-            last.append(t - 1)
-        return AttentionBatch(
-            positions=torch.cat(positions),
-            slot_mapping=torch.cat(slots),
-            gather=gather,
-            mask=mask,
-            q_index=torch.cat(q_index),
-            last_index=torch.tensor(last, dtype=torch.long),
-            batch=b,
-            max_q=max_q,
-        )
-
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the Hugging Face (rotate-half) layout. x: [T, H, d]; cos, sin: [T, 1, d]."""
