@@ -61,7 +61,6 @@ class ExpertWorker:
     def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, host: str,
                  node_id: str = "", capacity: int = 0, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
-        _serve_at_normal_priority()
         self.worker_id = worker_id
         self.namespace = namespace
         self.model_dir = model_dir
@@ -77,6 +76,7 @@ class ExpertWorker:
         self.data = DataPlaneServer(host, self.spec.hidden, self._compute)
         self.transfer = TransferServer(host, self._segment_bytes)
         self.transfer.start()
+        _serve_at_normal_priority()   # started (imports done) at Ray's low priority; now it serves
 
     # -- data plane -------------------------------------------------------------------------
     def _lookup(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +216,8 @@ class ExpertWorker:
 
 def _serve_at_normal_priority() -> None:
     """Ray starts its worker processes niced (15) unless the cluster was started with
-    RAY_worker_niceness=0; an expert worker is on the critical path of every engine step."""
+    RAY_worker_niceness=0: fine while a new worker imports torch beside busy streams, but a
+    serving worker is on the critical path of every engine step."""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > 0:
             os.setpriority(os.PRIO_PROCESS, 0, 0)

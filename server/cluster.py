@@ -38,9 +38,12 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     # stops Ray from handing a new actor one of its prestarted worker processes, which costs a
     # scale-up a whole Python start.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Ray starts worker processes at niceness 15; expert workers are on every step's critical
-    # path and must not yield the CPU to Ray's own housekeeping daemons
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray starts worker processes at niceness 15. That suits the start of a new expert worker (its
+    # Python and torch imports then yield the CPU to the streams being served), but once serving,
+    # a worker is on every step's critical path: it raises itself back to 0 at the end of its
+    # start (experts/worker.py). Without the privilege to do so, start workers at 0 instead.
+    if os.geteuid() != 0:
+        os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
