@@ -25,7 +25,8 @@ from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.controller import Controller
 from server.topology import ChangeReport, ScaleRejected
-from server.engine import Engine, EngineObserver, Request
+from server.engine import Engine
+from server.request import EngineObserver, Request
 from server.frontend import AdminServicer, InferenceServicer
 from server.latency_window import LatencyWindow, RateWindow
 from server.metrics import ServerMetrics

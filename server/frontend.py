@@ -13,7 +13,8 @@ from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.controller import Controller
 from server.topology import ScaleRejected, Topology
-from server.engine import Engine, Output, Request
+from server.engine import Engine
+from server.request import Output, Request
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull
 
