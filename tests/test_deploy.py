@@ -31,6 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import ServerMetrics
+from tests.test_metrics import exercised
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -79,18 +80,7 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def exported_samples() -> dict[str, set[tuple[str, str]]]:
     """Sample name -> (label, value) pairs the server exports, after one call of every verb."""
-    m = ServerMetrics()
-    m.request_finished("ok", duration_s=1.0, ttft_s=0.1)
-    m.inter_token(0.01)
-    m.tokens(prompt=1, generated=1)
-    m.queue(running=1, waiting=1)
-    m.kv_cache_usage(0.5)
-    m.workers(2)
-    m.topology_version(1)
-    m.scale_event("up", "committed", duration_s=1.0)
-    m.bytes_moved("peer", 1)
-    m.expert_tokens(0, [1, 2])
-    m.autoscaler_target(2)
+    m = exercised()
     out: dict[str, set[tuple[str, str]]] = {}
     for family in text_string_to_metric_families(m.render().decode()):
         for s in family.samples:
