@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -10,6 +11,7 @@ import ray
 from experts.worker import ExpertWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
+START_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,19 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return False
-    # address="local": always a new embedded cluster, never one another process left running here
-    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
-             _node_ip_address=node_ip, logging_level=logging.WARNING, log_to_driver=False)
+    # address="local": always a new embedded cluster, never one another process left running here.
+    # A raylet that misses Ray's start-up deadline on a loaded machine is worth a second try.
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
+                     _node_ip_address=node_ip, logging_level=logging.WARNING, log_to_driver=False)
+            break
+        except Exception as exc:
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(f"the embedded Ray did not start after {attempt} attempts: {exc}") from exc
+            log.warning("the embedded Ray did not start (%s); trying again", exc)
+            ray.shutdown()
+            time.sleep(2.0)
     return True
 
 
