@@ -39,17 +39,15 @@ def run_grouped(layer: int, x: torch.Tensor, expert_ids: list[int], counts: list
     return out.mul_(weights.unsqueeze(1))
 
 
-def group_pairs(topk_ids: torch.Tensor, topk_weights: torch.Tensor, owner: torch.Tensor | None = None,
-                num_experts: int = 0):
-    """Order a layer's (token, expert) pairs by (owner, expert).
+def group_pairs(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order a layer's (token, expert) pairs by expert.
 
-    Returns (order [M] into the flat pairs, token of each ordered pair [M], the (owner, expert)
-    key of each group [G], pairs per group [G]). `owner` [M] is the holder chosen per pair."""
-    t, a = topk_ids.shape
+    Returns (order [M] into the flat pairs, token of each ordered pair [M], the expert of each
+    group [G], pairs per group [G])."""
+    a = topk_ids.shape[1]
     flat_e = topk_ids.reshape(-1)
-    key = flat_e if owner is None else owner * num_experts + flat_e
-    order = torch.argsort(key, stable=True)
-    groups, counts = torch.unique_consecutive(key[order], return_counts=True)
+    order = torch.argsort(flat_e, stable=True)
+    groups, counts = torch.unique_consecutive(flat_e[order], return_counts=True)
     tokens = torch.div(order, a, rounding_mode="floor")
     return order, tokens, groups, counts
 
@@ -62,7 +60,7 @@ class LocalExperts:
 
     def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        order, tokens, experts, counts = group_pairs(topk_ids, topk_weights)
+        order, tokens, experts, counts = group_pairs(topk_ids)
         pairs = run_grouped(layer, hidden[tokens], experts.tolist(), counts.tolist(),
                             topk_weights.reshape(-1)[order].float(), self.lookup)
         out = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, pairs)

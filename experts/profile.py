@@ -19,7 +19,6 @@ class StepProfile:
         self.enabled = enabled
         self.totals: dict[str, float] = defaultdict(float)
         self.steps = 0
-        self.tokens = 0
         self._lock = threading.Lock()
 
     def __call__(self, name: str) -> ContextManager[None]:
@@ -38,20 +37,9 @@ class StepProfile:
             with self._lock:
                 self.totals[name] += seconds
 
-    def reset(self, enabled: bool = True) -> None:
-        with self._lock:
-            self.totals = defaultdict(float)
-            self.steps = self.tokens = 0
-            self.enabled = enabled
-
     def snapshot(self) -> tuple[dict[str, float], int]:
         with self._lock:
             return dict(self.totals), self.steps
-
-    def per_step_ms(self) -> dict[str, float]:
-        with self._lock:
-            n = max(self.steps, 1)
-            return {k: 1000.0 * v / n for k, v in sorted(self.totals.items())}
 
 
 NO_PROFILE = StepProfile()   # never enabled: the default for code paths that are not profiled

@@ -203,9 +203,6 @@ class ExpertWorker:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
                 "slots": self.pool.snapshot()}
 
-    def ping(self) -> str:
-        return self.worker_id
-
     def stop(self) -> None:
         self.data.stop()
         self.transfer.stop()

@@ -66,10 +66,6 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     return True
 
 
-def node_ip() -> str:
-    return ray.util.get_node_ip_address()
-
-
 @ray.remote
 class _RayWorker(ExpertWorker):
     """ExpertWorker as an actor; binds its sockets on its Ray node's address."""

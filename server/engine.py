@@ -53,7 +53,6 @@ class Engine:
         self._pending_count = 0          # requests submitted but not yet taken from the inbox
         self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
-        self.steps = 0
         # a lost worker stalls stepping (requests keep their KV cache and their place) until the
         # controller commits a topology without it; `on_worker_lost` asks it to
         self.on_worker_lost: Callable[[str], None] | None = None
@@ -118,6 +117,11 @@ class Engine:
         self._thread.join(timeout=30)
         for req in list(self._requests.values()):
             self._end(req, "error", error="server shutting down")
+
+    @property
+    def steps(self) -> int:
+        """Engine steps run so far."""
+        return self.profile.steps
 
     def counts(self) -> tuple[int, int]:
         return self.scheduler.num_running, self.scheduler.num_waiting + self._pending_count
@@ -225,7 +229,6 @@ class Engine:
                 self.expert_load[layer] += routed
                 self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
             counts.clear()
-        self.steps += 1
         now = time.monotonic()
         generated = 0
         with prof("sample_and_stream"):
@@ -239,7 +242,6 @@ class Engine:
                 if token is not None:
                     generated += 1
                     self._emit(self._requests[item.seq.seq_id], item.seq, token, now)
-        prof.tokens += generated
         self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.blocks.usage, generated)
 
     def _emit(self, req: Request, seq: Sequence, token: int, now: float) -> None:
