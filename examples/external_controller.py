@@ -18,7 +18,7 @@ requests wait, and down by one when nothing waits and the TTFT p95 is below half
 gap between the two is what keeps it from flapping). It stops after `--iterations` ticks
 (0: never) and changes nothing with `--dry-run`. Addresses default to loopback.
 
-This is deliberately simpler than the built-in policy (server/autoscaler.py), which also judges
+This is deliberately simpler than the built-in policy (server/autoscale/policy.py), which also judges
 inter-token latency, waits for a fresh window after each change and projects the utilisation a
 downscale would leave.
 """

@@ -14,23 +14,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
-from experts.checkpoint import Checkpoint
-from experts.model import TORCH_DTYPES, KVCache, MoEModel
-from experts.spec import load_spec
+from experts.model.checkpoint import Checkpoint
+from experts.model.decoder import KVCache, MoEModel
+from experts.model.dtypes import TORCH_DTYPES
+from experts.model.spec import load_spec
 from memory.kv_blocks import KVBlockTable
 from memory.segments import unlink_namespace
-from server import cluster
+from server.control import cluster
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
-from server.controller import Controller
-from server.topology import ChangeReport, ScaleRejected
-from server.engine import Engine
-from server.request import EngineObserver, Request
-from server.frontend import AdminServicer, InferenceServicer
-from server.latency_window import LatencyWindow, RateWindow
+from server.control.controller import Controller
+from server.control.topology import ChangeReport, ScaleRejected
+from server.engine.loop import Engine
+from server.engine.request import EngineObserver, Request
+from server.api.grpc_service import AdminServicer, InferenceServicer
+from server.autoscale.windows import LatencyWindow, RateWindow
 from server.metrics import ServerMetrics
-from server.scheduler import Scheduler
+from server.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Server:
     def start(self) -> None:
         c, spec = self.config, self.spec
         if c.autoscale:   # a bad policy file fails here, before anything is started
-            from server.autoscaler import AutoscalePolicy
+            from server.autoscale.policy import AutoscalePolicy
             AutoscalePolicy.from_yaml(c.autoscale)
         self._progress(f"loading {spec.family} from {c.model}: {len(spec.moe_layers)} MoE layers x "
                        f"{spec.num_experts} experts, {spec.dtype}")
@@ -213,7 +214,7 @@ class Server:
         self.grpc_server = server
 
     def _start_autoscaler(self, path: str) -> None:
-        from server.autoscale_wiring import start_autoscaler
+        from server.autoscale.wiring import start_autoscaler
         self.autoscaler = start_autoscaler(self, path)
 
     def shutdown(self) -> None:

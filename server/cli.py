@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from experts.demo import DemoShape, write_demo_model
+    from experts.model.demo import DemoShape, write_demo_model
 
     shape = DemoShape(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
                       intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,

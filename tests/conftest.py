@@ -15,7 +15,7 @@ import pytest
 # (a second raylet of ray.cluster_utils.Cluster, the GCS client) picks 127.0.0.1, not the host's IP.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from experts.demo import DemoShape, write_demo_model
+from experts.model.demo import DemoShape, write_demo_model
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 TINY = DemoShape(hidden=64, layers=2, experts=8, top_k=2, intermediate=128, heads=4, kv_heads=2, vocab=512,
@@ -33,7 +33,7 @@ def ray_local() -> Iterator[None]:
     """One embedded single-node Ray per test module (on loopback only)."""
     import ray
 
-    from server import cluster
+    from server.control import cluster
 
     if ray.is_initialized():
         ray.shutdown()

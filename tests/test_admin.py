@@ -82,7 +82,7 @@ def test_standby_worker_makes_scale_up_skip_the_process_start(server):
 def test_asking_rays_autoscaler_for_more_nodes_works_against_a_real_cluster(server):
     """What the autoscaler does when a target does not fit: a real request_resources call, and the
     controller's own check names what is missing."""
-    from server import cluster
+    from server.control import cluster
 
     missing = server.controller.check_capacity(64)
     assert missing and "CPU" in missing

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from experts.attention import AttentionBatch
+from experts.model.attention import AttentionBatch
 
 
 def reference(q_lens, kv_lens, tables, block_size):

@@ -15,8 +15,8 @@ import yaml
 
 from server.api import elasticmoe_pb2 as pb
 from server.app import ServingStats
-from server.autoscale_wiring import ServerSignals
-from server.autoscaler import AutoscalePolicy
+from server.autoscale.wiring import ServerSignals
+from server.autoscale.policy import AutoscalePolicy
 from server.metrics import ServerMetrics
 from tests.conftest import generate, running_server
 

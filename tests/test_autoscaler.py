@@ -15,16 +15,16 @@ from dataclasses import replace
 
 import pytest
 
-from server.autoscale_runner import AutoscaleRunner
-from server.autoscaler import (AutoscalePolicy, AutoscalerState, Decision, MetricsSnapshot,
+from server.autoscale.runner import AutoscaleRunner
+from server.autoscale.policy import (AutoscalePolicy, AutoscalerState, Decision, MetricsSnapshot,
                                decide)
-from server.latency_window import LatencyWindow, RateWindow
+from server.autoscale.windows import LatencyWindow, RateWindow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_policy_modules_import_neither_torch_nor_ray() -> None:
-    code = ("import sys, server.autoscaler, server.latency_window, server.autoscale_runner; "
+    code = ("import sys, server.autoscale.policy, server.autoscale.windows, server.autoscale.runner; "
             "bad = sorted(m for m in ('torch', 'ray') if m in sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -434,7 +434,7 @@ def test_runner_scales_and_logs_the_reason(caplog: pytest.LogCaptureFixture) -> 
     seen: list[Decision] = []
     r = server.runner(on_decision=seen.append)
     server.snap = replace(server.snap, waiting=30)
-    with caplog.at_level(logging.INFO, logger="server.autoscale_runner"):
+    with caplog.at_level(logging.INFO, logger="server.autoscale.runner"):
         d = r.step()
     assert server.scaled == [4] and d.target == 4 and r.state.target == 4
     assert seen == [d] and r.last_decision == d
@@ -458,7 +458,7 @@ def test_runner_survives_scale_exceptions(caplog: pytest.LogCaptureFixture) -> N
     server.fail = True
     server.snap = replace(server.snap, waiting=30)
     r = server.runner(interval_s=0.01)
-    with caplog.at_level(logging.INFO, logger="server.autoscale_runner"):
+    with caplog.at_level(logging.INFO, logger="server.autoscale.runner"):
         d = r.step()
         assert "scale failed: RuntimeError: worker 2 died during prepare" in d.reason
         assert "scale to 4 workers failed" in caplog.text
@@ -476,7 +476,7 @@ def test_runner_pending_requests_resources_and_does_not_scale(
     server.snap = replace(server.snap, waiting=30)
     seen: list[Decision] = []
     r = server.runner(on_decision=seen.append)
-    with caplog.at_level(logging.INFO, logger="server.autoscale_runner"):
+    with caplog.at_level(logging.INFO, logger="server.autoscale.runner"):
         d = r.step()
     assert server.scaled == [] and server.requested == [4]
     assert d.target == 4 and d.state.pending and seen[-1].state.pending

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memory.kv_blocks import KVBlockTable
-from server.scheduler import QueueFull, Scheduler, Sequence
+from server.engine.scheduler import QueueFull, Scheduler, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def test_scheduler_rejects_bad_limits(kwargs):
 # -- no devices in the bookkeeping --------------------------------------------------------------
 
 def test_bookkeeping_imports_neither_torch_nor_ray():
-    code = ("import sys; import server.scheduler, memory.kv_blocks, experts.planner; "
+    code = ("import sys; import server.engine.scheduler, memory.kv_blocks, experts.placement.planner; "
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

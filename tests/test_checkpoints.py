@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from experts.checkpoint import Checkpoint, is_expert_tensor
-from experts.demo import write_demo_model
-from experts.spec import load_spec
+from experts.model.checkpoint import Checkpoint, is_expert_tensor
+from experts.model.demo import write_demo_model
+from experts.model.spec import load_spec
 from tests.conftest import TINY, generate, running_server
 
 

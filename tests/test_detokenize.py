@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from server.api import elasticmoe_pb2 as pb
-from server.detokenize import IncrementalDetokenizer
+from server.engine.detokenize import IncrementalDetokenizer
 from tests.conftest import generate, running_server
 
 MULTIBYTE = "café 東京 🙂 naïve, 日本 😀 жук and über"

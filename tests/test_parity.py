@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from experts.attention import AttentionBatch
-from experts.checkpoint import Checkpoint
-from experts.ffn import LocalExperts
-from experts.model import KVCache, MoEModel
-from experts.spec import load_spec
+from experts.model.attention import AttentionBatch
+from experts.model.checkpoint import Checkpoint
+from experts.kernels.ffn import LocalExperts
+from experts.model.decoder import KVCache, MoEModel
+from experts.model.spec import load_spec
 from tests.conftest import FAMILIES, generate, running_server
 
 PROMPTS = ([5, 17, 33], [100, 7, 9, 11, 250, 3, 44, 61, 8, 19, 27], list(range(40, 90)))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experts import planner
-from experts.planner import SLACK, Move, Placement, Plan, plan_placement
+from experts.placement import planner
+from experts.placement.planner import SLACK, Move, Placement, Plan, plan_placement
 
 ONE_NODE = {w: "n0" for w in "abcdefgh"}
 Load = Sequence[Sequence[float]]
@@ -67,7 +67,7 @@ def assert_balanced(p: Placement, load: Load) -> None:
 
 
 def test_importing_the_planner_imports_neither_torch_nor_ray() -> None:
-    code = "import sys, experts.planner; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    code = "import sys, experts.placement.planner; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import torch
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
-from server.sampling import Sampler, SamplingParams
+from server.engine.sampling import Sampler, SamplingParams
 from tests.conftest import generate, running_server
 
 PROMPT = [5, 17, 33, 250, 8]

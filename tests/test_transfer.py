@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memory.segments import ExpertSegment, ExpertShape, segment_name
-from memory.transfer import TransferClient, TransferServer, fetch
+from experts.wire.transfer import TransferClient, TransferServer, fetch
 from tests.test_segments import SMALL, SPAWN, _recv, expert_weights, fill, holds, namespace  # noqa: F401
 
 LOOPBACK = "127.0.0.1"

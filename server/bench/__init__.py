@@ -7,9 +7,9 @@ import argparse
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.which == "decode":
-        from server.bench_decode import run
+        from server.bench.decode import run
     elif args.which == "scaling":
-        from server.bench_scaling import run
+        from server.bench.scaling import run
     else:
         raise ValueError(f"unknown benchmark {args.which!r}")
     return run(args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from server.bench_common import ServerProcess, ensure_model, print_table, run_batch, say, write_json
+from server.bench.common import ServerProcess, ensure_model, print_table, run_batch, say, write_json
 
 PROMPT_LEN = 32
 PHASES = ("attention", "router", "experts", "expert_ffn_on_worker", "lm_head", "inputs", "sample_and_stream",
@@ -136,7 +136,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experts.spec import load_spec
+    from experts.model.spec import load_spec
 
     model = ensure_model(args.model)
     spec = load_spec(model)

@@ -1,7 +1,7 @@
 """The controller: sole owner of the topology. Every change (scale up, scale down, rebalance) runs
 the same four steps under one lock:
 
-1. plan     — experts/planner.py, a pure function: current placement -> new placement + moves.
+1. plan     — experts/placement/planner.py, a pure function: current placement -> new placement + moves.
 2. prepare  — while the old topology serves: start (or take standby) workers, each receiver
               reserves slots and gets its experts (remap on one node, peer copy across nodes,
               disk only when no live copy exists). Nothing the old topology uses is touched.
@@ -20,14 +20,14 @@ from typing import Callable
 
 import ray
 
-from experts.dataplane import WorkerLink
-from experts.planner import Placement, Plan, plan_placement
-from experts.spec import ModelSpec
-from experts.worker import Incoming, ReceiveResult, WorkerInfo
-from server import cluster
-from server.cluster import WorkerResources
-from server.exchange import RemoteExperts, Routing
-from server.topology import ChangeReport, ScaleRejected, Topology
+from experts.wire.dataplane import WorkerLink
+from experts.placement.planner import Placement, Plan, plan_placement
+from experts.model.spec import ModelSpec
+from experts.worker.actor import Incoming, ReceiveResult, WorkerInfo
+from server.control import cluster
+from server.control.cluster import WorkerResources
+from server.engine.exchange import RemoteExperts, Routing
+from server.control.topology import ChangeReport, ScaleRejected, Topology
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Plugging the autoscaler into a running server: `elasticmoe serve --autoscale policy.yaml`.
 
-`server/autoscaler.py` decides and `server/autoscale_runner.py` ticks; both know no server. This
+`server/autoscale/policy.py` decides and `server/autoscale/runner.py` ticks; both know no server. This
 module gives them one: a `MetricsSnapshot` read from the server's rolling windows, engine queue
 and controller, and callables that scale, check and request capacity, and export the target.
 
@@ -18,12 +18,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from server.autoscale_runner import AutoscaleRunner
-from server.autoscaler import AutoscalePolicy, Decision, MetricsSnapshot
+from server.autoscale.runner import AutoscaleRunner
+from server.autoscale.policy import AutoscalePolicy, Decision, MetricsSnapshot
 
 if TYPE_CHECKING:
     from server.app import Server
-    from server.controller import Controller
+    from server.control.controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ServerSignals:
 def start_autoscaler(server: Server, path: str, interval_s: float = TICK_S) -> AutoscaleRunner:
     """Load the policy at `path`, measure the server's windows over its `window_s`, and start
     ticking. The caller stops the returned runner (`Server.shutdown` does)."""
-    from server import cluster  # ray only where the server already uses it
+    from server.control import cluster  # ray only where the server already uses it
 
     policy = AutoscalePolicy.from_yaml(path)
     controller = server.controller

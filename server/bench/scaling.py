@@ -22,7 +22,7 @@ import grpc
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
-from server.bench_common import ServerProcess, ensure_model, print_table, say, write_json
+from server.bench.common import ServerProcess, ensure_model, print_table, say, write_json
 
 SHAPE = dict(hidden=512, layers=8, experts=8, top_k=2, intermediate=2048)   # ~800 MB of experts (fp32)
 STREAMS = 8
@@ -259,7 +259,7 @@ def _plot(timeline: dict, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experts.spec import load_spec
+    from experts.model.spec import load_spec
 
     model = ensure_model(args.model, **SHAPE)
     spec = load_spec(model)

@@ -32,7 +32,7 @@ def free_port() -> int:
 def ensure_model(model_dir: str, **shape) -> str:
     """Use the checkpoint at `model_dir`, writing a demo one there first if it has none."""
     if not (Path(model_dir) / "config.json").is_file():
-        from experts.demo import DemoShape, write_demo_model
+        from experts.model.demo import DemoShape, write_demo_model
 
         say(f"no checkpoint in {model_dir}: writing a random-weight Mixtral there ({shape or 'default shape'})")
         write_demo_model(model_dir, "mixtral", seed=0, shape=DemoShape(**shape), progress=say)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.sampling import SamplingParams
+from server.engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from experts.dataplane import WorkerLink
-from experts.profile import NO_PROFILE, StepProfile
+from experts.wire.dataplane import WorkerLink
+from experts.model.profile import NO_PROFILE, StepProfile
 
 
 @dataclass(frozen=True)

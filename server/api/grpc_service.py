@@ -11,12 +11,12 @@ import grpc
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
-from server.controller import Controller
-from server.topology import ScaleRejected, Topology
-from server.engine import Engine
-from server.request import Output, Request
-from server.sampling import SamplingParams
-from server.scheduler import QueueFull
+from server.control.controller import Controller
+from server.control.topology import ScaleRejected, Topology
+from server.engine.loop import Engine
+from server.engine.request import Output, Request
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Its protocol is a few verbs, all called by the controller: `info`, `load` (from the checkpoint),
 `receive` (from a peer: remap on the same node, copy across nodes), `release`, `stats`, `stop`.
-Expert FFNs run on its data-plane thread, fed by the engine's exchange (experts/dataplane.py),
+Expert FFNs run on its data-plane thread, fed by the engine's exchange (experts/wire/dataplane.py),
 never through Ray calls. Control calls run on Ray's threads beside it: the slot pool only ever
 gains entries before a commit and loses them after one, so the data plane never sees a slot the
 engine's topology does not use.
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from experts.checkpoint import Checkpoint
-from experts.dataplane import DataPlaneServer
-from experts.ffn import run_grouped
-from experts.model import TORCH_DTYPES
-from experts.spec import load_spec
+from experts.model.checkpoint import Checkpoint
+from experts.wire.dataplane import DataPlaneServer
+from experts.kernels.ffn import run_grouped
+from experts.model.dtypes import TORCH_DTYPES
+from experts.model.spec import load_spec
 from memory.segments import ExpertSegment, ExpertShape, segment_name
 from memory.slots import SlotPool
-from memory.transfer import TransferClient, TransferServer
+from experts.wire.transfer import TransferClient, TransferServer
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experts.planner import Placement
-from experts.worker import WorkerInfo
+from experts.placement.planner import Placement
+from experts.worker.actor import WorkerInfo
 
 
 class ScaleRejected(Exception):

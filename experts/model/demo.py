@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from experts.checkpoint import expert_tensor_names, moe_prefix
-from experts.spec import load_spec
+from experts.model.checkpoint import expert_tensor_names, moe_prefix
+from experts.model.dtypes import TORCH_DTYPES
+from experts.model.spec import load_spec
 
 FAMILY_ARCH = {
     "mixtral": "MixtralForCausalLM",
@@ -154,7 +155,7 @@ def write_demo_model(model_dir: str | Path, family: str = "mixtral", seed: int =
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, indent=2) + "\n")
     gen = torch.Generator().manual_seed(seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[shape.dtype]
+    dtype = TORCH_DTYPES[shape.dtype]
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, limit = 0, shape.shard_mb << 20
     for name, tensor in _tensors(out, gen, dtype):

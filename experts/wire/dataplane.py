@@ -17,11 +17,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from experts.model.dtypes import WIRE_DTYPES
+
 MAGIC = b"EMX1"
 _REQ = struct.Struct("<4sIiiiB")   # magic, seq, layer, pairs M, groups G, dtype code
 _REP = struct.Struct("<4sIBQQ")    # magic, seq, status (0 ok, 1 error), payload bytes, compute ns
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+CODE_DTYPES = dict(enumerate(WIRE_DTYPES))
+DTYPE_CODES = {v: k for k, v in CODE_DTYPES.items()}
 
 # (layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M]) -> float32 [M, D]
 Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]

@@ -15,15 +15,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from experts.attention import AttentionBatch
-from experts.dataplane import WorkerLost
-from experts.model import ExpertBackend, KVCache, MoEModel, run_steps
-from experts.profile import StepProfile
+from experts.model.attention import AttentionBatch
+from experts.wire.dataplane import WorkerLost
+from experts.model.decoder import ExpertBackend, KVCache, MoEModel, run_steps
+from experts.model.profile import StepProfile
 from memory.kv_blocks import KVBlockTable
-from server.detokenize import IncrementalDetokenizer
-from server.request import EngineObserver, Output, Request
-from server.sampling import Sampler, SamplingParams
-from server.scheduler import QueueFull, Scheduled, Scheduler, Sequence
+from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.request import EngineObserver, Output, Request
+from server.engine.sampling import Sampler, SamplingParams
+from server.engine.scheduler import QueueFull, Scheduled, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 

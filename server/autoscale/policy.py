@@ -1,7 +1,7 @@
 """The autoscaling policy: a pure function from a metrics snapshot and its own state to a worker count.
 
 No torch, no ray, no clock, no I/O except `AutoscalePolicy.from_yaml`: `decide` is tested on
-hand-made snapshots and simulated traces without a server. `server/autoscale_runner.py` applies it.
+hand-made snapshots and simulated traces without a server. `server/autoscale/runner.py` applies it.
 
 Words:
 - **SLO miss**: the TTFT or ITL quantile over the window above its target, judged only on at

@@ -4,7 +4,7 @@ Every `interval_s` it takes a metrics snapshot, asks `decide` for a target and, 
 differs from the committed worker count, either starts the change (`scale`) or, when the Ray
 cluster cannot hold the target yet, asks Ray's autoscaler for the resources and reports the
 target as pending; later ticks retry. It imports no ray: the server hands in the callables
-(`ray_resource_requester` builds the usual `request_resources` one).
+(`server.control.cluster.request_resources` is the usual one).
 """
 from __future__ import annotations
 
@@ -13,22 +13,7 @@ import threading
 from dataclasses import replace
 from typing import Callable
 
-from server.autoscaler import AutoscalePolicy, AutoscalerState, Decision, MetricsSnapshot, decide
-
-
-def ray_resource_requester(bundle: dict[str, float] | None = None) -> Callable[[int], None]:
-    """`n -> ray.autoscaler.sdk.request_resources(bundles=[bundle] * n)`, one bundle per worker.
-
-    The request is standing: it replaces the previous one and keeps the cluster at least that
-    large, which is why the runner lowers it again when its target drops.
-    """
-    one = dict(bundle or {"CPU": 1})
-
-    def request(n: int) -> None:
-        from ray.autoscaler.sdk import request_resources  # ray only where it is used
-        request_resources(bundles=[dict(one) for _ in range(n)])
-
-    return request
+from server.autoscale.policy import AutoscalePolicy, AutoscalerState, Decision, MetricsSnapshot, decide
 
 
 class AutoscaleRunner:

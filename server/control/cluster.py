@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import ray
 
-from experts.worker import ExpertWorker, WorkerInfo
+from experts.worker.actor import ExpertWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
 START_ATTEMPTS = 3
@@ -43,7 +43,7 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     # Ray starts worker processes at niceness 15. That suits the start of a new expert worker (its
     # Python and torch imports then yield the CPU to the streams being served), but once serving,
     # a worker is on every step's critical path: it raises itself back to 0 at the end of its
-    # start (experts/worker.py). Without the privilege to do so, start workers at 0 instead.
+    # start (experts/worker/actor.py). Without the privilege to do so, start workers at 0 instead.
     if os.geteuid() != 0:
         os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("MKL_NUM_THREADS", "1")

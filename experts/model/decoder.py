@@ -13,11 +13,10 @@ from typing import Generator, Protocol
 import torch
 import torch.nn.functional as F
 
-from experts.attention import AttentionBatch, paged_attention, rope
-from experts.profile import NO_PROFILE, StepProfile
-from experts.spec import ModelSpec
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from experts.model.attention import AttentionBatch, paged_attention, rope
+from experts.model.profile import NO_PROFILE, StepProfile
+from experts.model.dtypes import TORCH_DTYPES
+from experts.model.spec import ModelSpec
 
 
 class ExpertBackend(Protocol):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from experts.spec import ModelSpec
+from experts.model.spec import ModelSpec
 
 # per family: the MoE block's module path and the names of an expert's three matrices
 _EXPERT_NAMES = {
@@ -56,12 +56,6 @@ class Checkpoint:
                     for name in h.keys():
                         self._where[name] = f
         self._handles: dict[Path, object] = {}
-
-    def names(self) -> list[str]:
-        return sorted(self._where)
-
-    def has(self, name: str) -> bool:
-        return name in self._where
 
     def tensor(self, name: str) -> torch.Tensor:
         path = self._where.get(name)
