@@ -118,6 +118,26 @@ class AdminStub:
                 request_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleRequest.SerializeToString,
                 response_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.FromString,
                 _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/elasticmoe.v1.Admin/GetOperation',
+                request_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.FromString,
+                _registered_method=True)
+        self.WatchOperations = channel.unary_stream(
+                '/elasticmoe.v1.Admin/WatchOperations',
+                request_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.WatchOperationsRequest.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/elasticmoe.v1.Admin/ListOperations',
+                request_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/elasticmoe.v1.Admin/Rebalance',
+                request_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -130,7 +150,39 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Changes the number of expert workers while serving; returns once the new topology is committed.
+        """Changes the number of expert workers while serving; returns once the new topology is committed
+        (or, with no_wait, once the change is planned). A retry with the same operation_id returns
+        that operation's outcome and never starts a second change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """One change of topology, by id: its phases so far, and its figures once done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOperations(self, request, context):
+        """The operation's state now, then every phase it enters; ends once it is done or aborted.
+        Without an operation_id: every phase of every operation from now on, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """The most recent operations, oldest first (the server keeps a bounded history).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Re-places experts by the expert load of the recent window, at the same worker count: an
+        ordinary change (plan, prepare, commit, release) with a new topology version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +199,26 @@ def add_AdminServicer_to_server(servicer, server):
             'Scale': grpc.unary_unary_rpc_method_handler(
                     servicer.Scale,
                     request_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleRequest.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.GetOperationRequest.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.SerializeToString,
+            ),
+            'WatchOperations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOperations,
+                    request_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.WatchOperationsRequest.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsRequest.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.RebalanceRequest.FromString,
                     response_serializer=elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.SerializeToString,
             ),
     }
@@ -203,6 +275,114 @@ class Admin:
             target,
             '/elasticmoe.v1.Admin/Scale',
             elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleRequest.SerializeToString,
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticmoe.v1.Admin/GetOperation',
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.GetOperationRequest.SerializeToString,
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/elasticmoe.v1.Admin/WatchOperations',
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.WatchOperationsRequest.SerializeToString,
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticmoe.v1.Admin/ListOperations',
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsRequest.SerializeToString,
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticmoe.v1.Admin/Rebalance',
+            elasticmoe_dot_v1_dot_elasticmoe__pb2.RebalanceRequest.SerializeToString,
             elasticmoe_dot_v1_dot_elasticmoe__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
