@@ -32,6 +32,10 @@ from server.control.topology import ChangeReport, ScaleRejected, Topology
 log = logging.getLogger(__name__)
 
 
+def _no_phase(phase: str) -> None:
+    """A change nobody follows (the replacement of a lost worker reports no phases)."""
+
+
 @dataclass
 class _Live:
     handle: object
@@ -113,7 +117,8 @@ class Controller:
         return self.resources.missing_for(extra, cluster.available()) if extra else None
 
     # -- one change -----------------------------------------------------------------------
-    def scale(self, num_workers: int) -> ChangeReport:
+    def scale(self, num_workers: int, on_phase: Callable[[str], None] = _no_phase) -> ChangeReport:
+        """`on_phase` hears planned, preparing, committing, releasing (server/control/operations.py)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not self._lock.acquire(blocking=False):
@@ -122,11 +127,31 @@ class Controller:
             missing = self.check_capacity(num_workers)
             if missing:
                 raise ScaleRejected(missing)
-            return self._change(num_workers)
+            on_phase("planned")
+            return self._change(num_workers, on_phase)
         finally:
             self._lock.release()
 
-    def _change(self, num_workers: int) -> ChangeReport:
+    def rebalance(self, load: list[list[float]], on_phase: Callable[[str], None] = _no_phase) -> ChangeReport:
+        """Re-place experts by `load` ([L][E] tokens, e.g. of a recent window) on the same workers:
+        an ordinary change with a new version; on one node every move is a remap."""
+        if not self._lock.acquire(blocking=False):
+            raise ScaleRejected("a change of topology is already running")
+        try:
+            if self.topology is None:
+                raise ScaleRejected("no topology to rebalance yet")
+            on_phase("planned")
+            return self._change(len(self.topology.workers), on_phase, load)
+        finally:
+            self._lock.release()
+
+    def removable(self) -> list[str]:
+        """Workers a scale-down removes, in its order: a scale to n keeps the first n."""
+        return list(self.topology.placement.workers[:0:-1]) if self.topology else []
+
+    def _change(self, num_workers: int, on_phase: Callable[[str], None] = _no_phase,
+                load: list[list[float]] | None = None) -> ChangeReport:
+        on_phase("preparing")
         t0 = time.perf_counter()
         old = self.topology
         current_ids = list(old.workers) if old else []
@@ -139,7 +164,7 @@ class Controller:
         t1 = time.perf_counter()
         plan = plan_placement(old.placement if old else None, target, {w: i.node_id for w, i in infos.items()},
                               len(self.spec.moe_layers), self.spec.num_experts, self.slots,
-                              load=self.expert_load(), replicate_hot=self.replicate_hot)
+                              load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot)
         parts["plan"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         handles = {w: self._live[w].handle for w in current_ids} | {j.info.worker_id: j.handle for j in joining}
@@ -154,10 +179,12 @@ class Controller:
         t3 = time.perf_counter()
         for j in joining:
             self._live[j.info.worker_id] = j
+        on_phase("committing")
         self.engine_commit(self._backend(new))
         self.topology = new
         parts["commit"] = time.perf_counter() - t3
         t4 = time.perf_counter()
+        on_phase("releasing")
         self._release(plan, segments, new, [w for w in current_ids if w not in target])
         parts["release"] = time.perf_counter() - t4
         report = ChangeReport(direction, new, time.perf_counter() - t0, parts,
