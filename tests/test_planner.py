@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from experts.placement import planner
+from experts.placement import pack
 from experts.placement.planner import SLACK, Move, Placement, Plan, plan_placement
 
 ONE_NODE = {w: "n0" for w in "abcdefgh"}
@@ -297,9 +298,8 @@ def test_scale_sequence_1_2_4_3_1_stays_valid() -> None:
 
 
 def test_last_resort_gives_reference_bins_to_the_workers_holding_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    # repair never gets stuck in these tests, so force it: only the from-scratch greedy may run
-    real = planner._repair
-    monkeypatch.setattr(planner, "_repair", lambda *a, **k: real(*a, **k) if a[6] == float("inf") else None)
+    # settle never gets stuck on these inputs, so make it: only the from-scratch reference remains
+    monkeypatch.setattr(pack, "settle", lambda *a, **k: None)
     cur = plan_placement(None, list("abc"), ONE_NODE, 2, 8, 3).placement
     shuffled = Placement(("c", "a", "b"), tuple(cur.held_by(w) for w in "cab"))
     plan = plan_placement(shuffled, list("cab"), ONE_NODE, 2, 8, 3)
@@ -326,5 +326,63 @@ def test_random_chains_stay_valid_balanced_and_settled(seed: int) -> None:
         cur = plan.placement
 
 
-def test_slack_keeps_uniform_load_exact() -> None:
-    assert 0 <= SLACK < 1  # below one item: at most ceil(E/W) experts per worker under uniform load
+@pytest.mark.parametrize("counts", [(3, 2, 1), (4, 3, 3, 2)])
+def test_slack_keeps_uniform_load_exact(counts: tuple[int, ...]) -> None:
+    # Under uniform load these are within mean +- a (a = one expert), yet one worker holds
+    # ceil(E/W) + 1: the slack (below one item) still moves exactly one expert to even them out.
+    E, workers = sum(counts), list("abcd"[:len(counts)])
+    ids = iter(range(E))
+    cur = Placement(tuple(workers), tuple(((*(next(ids) for _ in range(n)),),) for n in counts))
+    plan = plan_placement(cur, workers, ONE_NODE, 1, E, E, load=[[1.0] * E])
+    check(plan, cur, workers, 1, E, E, [[1.0] * E])
+    assert [len(plan.placement.held_by(w)[0]) for w in workers] == [E // len(workers)] * len(workers)
+    assert plan.moved_experts() == 1 and plan.moves[0].src == workers[0]
+
+
+# ---- the named steps, one at a time ------------------------------------------------------------------
+
+def test_replicate_gives_spare_slots_to_the_hottest_per_replica() -> None:
+    items = pack.replicate([12, 1, 1, 6], E=4, W=3, S=2, hot=True)    # 2 spare slots, mean expert load 5
+    assert items.counts == (2, 1, 1, 1) and items.p == (6.0, 1.0, 1.0, 6.0)  # 12 -> 2 x 6, then none > 10
+    assert pack.replicate([12, 1, 1, 6], 4, 3, 2, hot=False).counts == (1, 1, 1, 1)
+    assert pack.replicate([0, 0, 0, 0], 4, 3, 2, hot=True).p == (1.0,) * 4   # no load: uniform
+
+
+def test_pack_fills_least_loaded_first_and_falls_back_to_dealing() -> None:
+    items = pack.Items((5.0, 4.0, 3.0, 3.0, 1.0), (1,) * 5, slots=3)
+    assert pack.pack(items, 2) == [[0, 3], [1, 2, 4]]                   # 5+3 = 8 = 4+3+1
+    # greedy fills b's three slots with 1s, then the second replica of 3 has nowhere to go: deal
+    stuck = pack.Items((1.0, 1.0, 1.0, 1.0, 3.0), (1, 1, 1, 2, 1), slots=3)
+    assert pack.assign(stuck, [[], []], stuck.order(), pack.Affinity.none(2), math.inf) is None
+    assert pack.pack(stuck, 2) == [[4, 1, 3], [0, 2, 3]]
+
+
+def test_keep_sheds_the_item_that_leaves_a_worker_nearest_the_mean() -> None:
+    items = pack.Items((4.0, 3.0, 2.0, 1.0), (1,) * 4, slots=4)
+    held = (frozenset({0, 1, 2, 3}), frozenset())
+    # 10 is 2 over the limit: 4, 3 and 2 each suffice; 3 leaves 7, the mean
+    bins, pool = pack.keep(items, held, pack.Band(low=2.0, limit=8.0, mean=7.0, tol=0.0))
+    assert pool == [1] and bins == [[3, 2, 0], []]
+    # no single item covers 7 over: the largest goes, then the one that suffices
+    bins, pool = pack.keep(items, held, pack.Band(low=2.0, limit=3.0, mean=7.0, tol=0.0))
+    assert pool == [0, 1] and bins == [[3, 2], []]
+    fresh, everything = pack.keep(items, (frozenset(), frozenset()), pack.Band(2.0, 8.0, 7.0, 0.0))
+    assert fresh == [[], []] and everything == [0, 1, 2, 3]
+
+
+def test_relieve_swaps_when_every_slot_is_used() -> None:
+    items = pack.Items((8.0, 8.0, 1.0, 1.0), (1,) * 4, slots=2)
+    assert pack.assign(items, [[0, 1], [2]], [3], pack.Affinity.none(2), limit=9.0) == [[0, 1], [2, 3]]
+    assert [sorted(b) for b in pack.relieve(items, [[0, 1], [2, 3]], limit=9.0)] == [[1, 2], [0, 3]]   # 9, 9
+    assert pack.relieve(pack.Items((8.0, 8.0), (1, 1), 2), [[0, 1], []], limit=7.0) is None
+
+
+def test_lift_feeds_an_idle_worker_from_the_most_loaded() -> None:
+    items = pack.Items((3.0, 2.0, 2.0, 1.0), (1,) * 4, slots=4)
+    band = pack.Band(low=1.0, limit=5.0, mean=4.0, tol=0.0)
+    assert pack.lift(items, [[0, 1], [2, 3], []], band) == [[1], [2, 3], [0]]
+
+
+def test_closest_hands_each_reference_bin_to_its_biggest_holder() -> None:
+    held = (frozenset({4}), frozenset({2}), frozenset({0, 1}))
+    assert pack.closest([[0, 1], [2, 3], [4]], held) == [[4], [2, 3], [0, 1]]
