@@ -31,6 +31,9 @@ class ServerConfig:
     prepare_timeout_s: float = 300.0
     threads: int = 1                      # torch threads of the engine process
     overlap: bool = False                 # two micro-batches per step, engine and workers overlapped
+    rebalance_window_s: float = 30.0      # expert load is counted over this sliding window
+    rebalance_threshold: float = 0.0      # imbalance (max/mean tokens per worker) that rebalances; 0 = by hand only
+    rebalance_interval_s: float = 60.0    # at least this long between two automatic rebalances
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -43,6 +46,8 @@ class ServerConfig:
             "standby": self.standby >= 0, "worker_cpus": self.worker_cpus >= 0, "worker_gpus": self.worker_gpus >= 0,
             "slots_per_worker": self.slots_per_worker >= 0, "threads": self.threads >= 1,
             "prepare_timeout_s": self.prepare_timeout_s > 0, "standby_refill_delay_s": self.standby_refill_delay_s >= 0,
+            "rebalance_window_s": self.rebalance_window_s > 0, "rebalance_interval_s": self.rebalance_interval_s >= 0,
+            "rebalance_threshold": self.rebalance_threshold == 0 or self.rebalance_threshold > 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -209,6 +209,13 @@ class ServerMetrics:
         )
         self._expert_tokens = _ExpertTokens()
         r.register(self._expert_tokens)
+        self._load_imbalance = Gauge(
+            "elasticmoe_expert_load_imbalance",
+            "Routed tokens per worker over the rebalance window, max/mean summed over MoE layers, "
+            "under the committed placement: 1 is even, the worker count means one worker does all.",
+            registry=r,
+        )
+        self._load_imbalance.set(1.0)
         self._autoscaler_target = Gauge(
             "elasticmoe_autoscaler_target_workers",
             "Expert workers the autoscaler last asked for (0 while no autoscaler runs).",
@@ -297,6 +304,12 @@ class ServerMetrics:
         `counts`: [E] ints >= 0 on the host (list, numpy array or CPU tensor); index = expert.
         """
         self._expert_tokens.add(layer, counts)
+
+    def expert_load_imbalance(self, ratio: float) -> None:
+        """max/mean routed tokens per worker over the rebalance window (>= 1)."""
+        if not (math.isfinite(ratio) and ratio >= 1.0 - 1e-9):
+            raise ValueError(f"ratio={ratio!r} must be a finite number >= 1")
+        self._load_imbalance.set(ratio)
 
     def autoscaler_target(self, n: int) -> None:
         _check_count("n", n)
