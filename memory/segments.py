@@ -1,7 +1,11 @@
 """Shared-memory segments that hold one logical expert's weights for one layer.
 
 A **segment** is a named file in `/dev/shm` holding an expert's `gate_up` [2I, D] (gate rows
-first, then up rows) followed by its `down` [D, I], contiguous, in one dtype. Every process
+first, then up rows) followed by its `down` [D, I], in one dtype and in the layout the worker's
+kernel wants (prepacked once, at disk load; experts/kernels/moe.py): a peer copy or a remap moves
+kernel-ready bytes. `down` starts at the first page boundary after `gate_up` (`down_offset`), so a
+slot range (memory/slot_range.py) can map each part on its own; for every shape the fused kernel
+accepts that is exactly the end of `gate_up`, and the file is the expert's size. Every process
 on the node that maps the same name sees the same bytes, so a move between two workers on one
 node is a **remap**: the receiver attaches by name and zero bytes are copied.
 
@@ -16,6 +20,7 @@ map even if someone unlinks or recreates the name in between.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 # The namespace may not contain "-": it ends the prefix that unlink_namespace matches, so
@@ -65,8 +71,17 @@ class ExpertShape:
         return self.gate_up_numel * self.itemsize
 
     @property
+    def down_nbytes(self) -> int:
+        return self.down_numel * self.itemsize
+
+    @property
+    def down_offset(self) -> int:
+        """Byte offset of `down`: `gate_up` rounded up to the page, since mmap maps from page offsets."""
+        return -(-self.gate_up_nbytes // PAGE) * PAGE
+
+    @property
     def nbytes(self) -> int:
-        return (self.gate_up_numel + self.down_numel) * self.itemsize
+        return self.down_offset + self.down_nbytes
 
 
 def segment_name(namespace: str, layer: int, expert: int, node_tag: str) -> str:
@@ -106,9 +121,8 @@ class ExpertSegment:
         self.shape = shape
         self.nbytes = shape.nbytes
         self._raw: torch.Tensor | None = raw
-        split = shape.gate_up_nbytes
-        inter, hidden = shape.intermediate, shape.hidden
-        self._gate_up: torch.Tensor | None = raw[:split].view(shape.dtype).view(2 * inter, hidden)
+        inter, hidden, split = shape.intermediate, shape.hidden, shape.down_offset
+        self._gate_up: torch.Tensor | None = raw[:shape.gate_up_nbytes].view(shape.dtype).view(2 * inter, hidden)
         self._down: torch.Tensor | None = raw[split:].view(shape.dtype).view(hidden, inter)
 
     @classmethod

@@ -6,6 +6,11 @@ the segment is mapped or copied; `cancel` undoes a reservation when the change a
 `release` hands a segment back after **commit**; closing or unlinking it is the caller's call,
 since only the caller knows whether another worker still maps the same bytes.
 
+Each expert in a layer has a **slot index** in [0, capacity) from its reservation until its
+release: the place in the layer's slot range (memory/slot_range.py) its segment is mapped into,
+and what the worker hands the fused kernel in place of the logical expert id (`slots_of`). A
+freed index is reused by the next reservation (lowest first).
+
 Bookkeeping only: no torch here (segments are held, never touched), so this module imports
 without a device.
 """
@@ -35,13 +40,15 @@ class SlotPool:
         self._lock = threading.Lock()
         self._installed: list[dict[int, ExpertSegment]] = [{} for _ in range(num_layers)]
         self._reserved: list[set[int]] = [set() for _ in range(num_layers)]
+        self._slot: list[dict[int, int]] = [{} for _ in range(num_layers)]   # expert -> slot index
 
     def _check_layer(self, layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
 
-    def reserve(self, layer: int, expert: int) -> None:
-        """Claim a slot of `layer` for `expert`, which must be neither installed nor reserved."""
+    def reserve(self, layer: int, expert: int) -> int:
+        """Claim a slot of `layer` for `expert`, which must be neither installed nor reserved;
+        returns the slot's index."""
         self._check_layer(layer)
         with self._lock:
             installed, reserved = self._installed[layer], self._reserved[layer]
@@ -55,6 +62,10 @@ class SlotPool:
                     f"(installed {sorted(installed)}, reserved {sorted(reserved)})"
                 )
             reserved.add(expert)
+            taken = set(self._slot[layer].values())
+            index = next(i for i in range(self.capacity) if i not in taken)
+            self._slot[layer][expert] = index
+            return index
 
     def install(self, layer: int, expert: int, segment: ExpertSegment) -> None:
         """Fill the slot reserved for (layer, expert); from now on `get` returns `segment`."""
@@ -74,6 +85,7 @@ class SlotPool:
             if expert not in reserved:
                 raise RuntimeError(f"cannot cancel layer {layer} expert {expert}: not reserved")
             reserved.remove(expert)
+            del self._slot[layer][expert]
 
     def get(self, layer: int, expert: int) -> ExpertSegment:
         self._check_layer(layer)
@@ -88,9 +100,30 @@ class SlotPool:
         self._check_layer(layer)
         with self._lock:
             segment = self._installed[layer].pop(expert, None)
+            if segment is not None:
+                del self._slot[layer][expert]
         if segment is None:
             raise RuntimeError(f"cannot release layer {layer} expert {expert}: not installed")
         return segment
+
+    def slot(self, layer: int, expert: int) -> int:
+        """The slot index of a reserved or installed expert."""
+        self._check_layer(layer)
+        with self._lock:
+            index = self._slot[layer].get(expert)
+        if index is None:
+            raise RuntimeError(f"layer {layer} expert {expert} holds no slot in this pool")
+        return index
+
+    def slots_of(self, layer: int, experts: list[int]) -> list[int]:
+        """Slot indices of installed `experts` of `layer`, in order (the data plane's translation)."""
+        self._check_layer(layer)
+        with self._lock:
+            installed, slot = self._installed[layer], self._slot[layer]
+            missing = [e for e in experts if e not in installed]
+            if not missing:
+                return [slot[e] for e in experts]
+        raise RuntimeError(f"layer {layer} experts {missing} are not installed in this pool")
 
     def experts(self, layer: int) -> tuple[int, ...]:
         """Installed experts of `layer`, sorted (reservations are not included)."""
@@ -110,11 +143,12 @@ class SlotPool:
             return sum(seg.nbytes for layer in self._installed for seg in layer.values())
 
     def snapshot(self) -> dict:
-        """For stats: {"capacity", "used_bytes", "layers": [{"installed": [...], "reserved": [...]}]}."""
+        """For stats: {"capacity", "used_bytes", "layers": [{"installed": [...], "reserved": [...],
+        "slots": {expert: slot index}}]}."""
         with self._lock:
             layers = [
-                {"installed": sorted(installed), "reserved": sorted(reserved)}
-                for installed, reserved in zip(self._installed, self._reserved)
+                {"installed": sorted(installed), "reserved": sorted(reserved), "slots": dict(sorted(slot.items()))}
+                for installed, reserved, slot in zip(self._installed, self._reserved, self._slot)
             ]
             used = sum(seg.nbytes for layer in self._installed for seg in layer.values())
         return {"capacity": self.capacity, "used_bytes": used, "layers": layers}

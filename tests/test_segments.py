@@ -224,11 +224,10 @@ def test_slot_pool_lifecycle_and_errors(namespace):
     segs = _segments(namespace, 1, range(4))
     pool = SlotPool(num_layers=2, capacity=3)
     assert pool.free_slots(1) == 3 and pool.experts(1) == () and pool.used_bytes() == 0
-    pool.reserve(1, 2)
-    pool.reserve(1, 0)
+    assert pool.reserve(1, 2) == 0 and pool.reserve(1, 0) == 1, "slot indices, lowest free first"
     with pytest.raises(RuntimeError, match="layer 1 expert 2: already reserved"):
         pool.reserve(1, 2)
-    pool.reserve(1, 3)
+    assert pool.reserve(1, 3) == 2
     with pytest.raises(RuntimeError, match="layer 1 expert 1: all 3 slots taken"):
         pool.reserve(1, 1)
     assert pool.free_slots(1) == 0 and pool.free_slots(0) == 3
@@ -246,15 +245,23 @@ def test_slot_pool_lifecycle_and_errors(namespace):
     assert pool.experts(1) == (0, 2) and pool.free_slots(1) == 1
     assert all(holds(pool.get(1, e), 1, e) for e in pool.experts(1))
     assert pool.used_bytes() == 2 * segs[0].nbytes
-    pool.reserve(1, 1)
+    assert pool.reserve(1, 1) == 2, "the cancelled reservation's slot is reused"
     assert pool.snapshot() == {
         "capacity": 3, "used_bytes": 2 * segs[0].nbytes,
-        "layers": [{"installed": [], "reserved": []}, {"installed": [0, 2], "reserved": [1]}],
+        "layers": [{"installed": [], "reserved": [], "slots": {}},
+                   {"installed": [0, 2], "reserved": [1], "slots": {0: 1, 1: 2, 2: 0}}],
     }
+    assert pool.slots_of(1, [2, 0, 2]) == [0, 1, 0]
+    with pytest.raises(RuntimeError, match=r"layer 1 experts \[1\] are not installed"):
+        pool.slots_of(1, [0, 1])   # reserved is not installed: the data plane must not see it
     assert pool.release(1, 2) is segs[2]
     with pytest.raises(RuntimeError, match="layer 1 expert 2: not installed"):
         pool.release(1, 2)
     assert pool.experts(1) == (0,) and pool.free_slots(1) == 1
+    with pytest.raises(RuntimeError, match="layer 1 expert 2 holds no slot"):
+        pool.slot(1, 2)
+    pool.cancel(1, 1)
+    assert pool.reserve(1, 3) == 0 and pool.slot(1, 0) == 1
     with pytest.raises(ValueError, match="layer"):
         pool.reserve(2, 0)
     with pytest.raises(ValueError, match="capacity"):
