@@ -1,5 +1,6 @@
-"""Sampling: parameters checked with errors naming the field; greedy is argmax; a seed makes a stream
-reproducible over gRPC, also beside other requests; top_k=1 is greedy whatever the temperature."""
+"""Sampling: parameters checked with errors naming the field; greedy takes the largest logit; a seed makes a stream
+reproducible over gRPC, also beside other requests; top_k=1 is greedy whatever the temperature; sampled
+frequencies follow temperature, top-k and top-p."""
 from __future__ import annotations
 
 import math
@@ -35,42 +36,80 @@ def test_params_name_the_bad_field(kwargs, field):
         SamplingParams(**({"max_tokens": 8} | kwargs))
 
 
-def rows(n: int = 20, vocab: int = 512) -> torch.Tensor:
-    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)) * 4
+def rows(n: int = 20, vocab: int = 512) -> tuple[torch.Tensor, list[int]]:
+    """n random rows, each with its best token planted at a known place (so no test needs argmax)."""
+    data = torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    best = [(37 * i + 11) % vocab for i in range(n)]
+    for i, b in enumerate(best):
+        data[i, b] = data[i].max() + 0.5
+    return data, best
 
 
-def test_greedy_is_argmax():
+def test_greedy_takes_the_largest_logit_and_the_first_of_a_tie():
     sampler = Sampler(SamplingParams(max_tokens=1))
     assert sampler.gen is None
-    for row in rows():
-        assert sampler(row) == int(row.argmax())
+    data, best = rows()
+    assert [sampler(r) for r in data] == best
+    assert sampler(torch.tensor([0.0, 3.0, 1.0, 3.0])) == 1
+    assert sampler(torch.tensor([-math.inf, -5.0, -math.inf])) == 1
+    assert sampler(torch.tensor([-1.0, -2.0, 7.5])) == 2
 
 
 @pytest.mark.parametrize("temperature", [0.8, 5.0])
 def test_top_k_1_and_a_tiny_top_p_are_greedy(temperature):
     by_k = Sampler(SamplingParams(max_tokens=1, temperature=temperature, top_k=1, seed=3))
     by_p = Sampler(SamplingParams(max_tokens=1, temperature=temperature, top_p=1e-6, seed=3))
-    for row in rows():
-        assert by_k(row) == by_p(row) == int(row.argmax())
+    data, best = rows()
+    assert [by_k(r) for r in data] == [by_p(r) for r in data] == best
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1.4e-45])
 def test_tiny_temperature_is_greedy(temperature):
     """The limit temperature -> 0 is greedy; it must not overflow into NaN probabilities."""
     sampler = Sampler(SamplingParams(max_tokens=1, temperature=temperature, seed=1))
-    for row in rows():
-        assert sampler(row) == int(row.argmax())
+    data, best = rows()
+    assert [sampler(r) for r in data] == best
+
+
+# Probabilities 0.5, 0.3, 0.15, 0.05 over a 6-token vocabulary (two tokens impossible).
+PROBS = [0.5, 0.3, 0.15, 0.05, 0.0, 0.0]
+DRAWS = 6000
+
+
+def frequencies(**params) -> list[float]:
+    sampler = Sampler(SamplingParams(max_tokens=1, seed=2024, **params))
+    logits = torch.tensor([math.log(p) if p else -math.inf for p in PROBS])
+    counts = [0] * len(PROBS)
+    for _ in range(DRAWS):
+        counts[sampler(logits)] += 1
+    return [c / DRAWS for c in counts]
+
+
+@pytest.mark.parametrize("params, want", [
+    (dict(temperature=1.0), PROBS),
+    # p ** (1 / T), renormalised: T = 0.5 squares them
+    (dict(temperature=0.5), [x * x / sum(y * y for y in PROBS) for x in PROBS]),
+    (dict(temperature=1.0, top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0, 0, 0, 0]),
+    # the smallest prefix whose mass reaches top_p: 0.5 alone reaches 0.5; 0.8 reaches 0.7
+    (dict(temperature=1.0, top_p=0.5), [1, 0, 0, 0, 0, 0]),
+    (dict(temperature=1.0, top_p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0, 0, 0]),
+    (dict(temperature=1.0, top_p=0.9, top_k=3), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0, 0, 0]),
+])
+def test_sampled_frequencies_follow_temperature_top_k_and_top_p(params, want):
+    got = frequencies(**params)
+    for token, (g, w) in enumerate(zip(got, want)):
+        assert (g == 0) == (w == 0) and abs(g - w) < 0.03, (token, got, want)   # 4 sigma at n = 6000
 
 
 def test_seed_reproduces_and_top_k_bounds_the_choice():
     params = SamplingParams(max_tokens=1, seed=99, **SEEDED)
     a, b = Sampler(params), Sampler(params)
-    data = rows(200)
+    data, best = rows(200)
     drawn = [a(r) for r in data]
     assert drawn == [b(r) for r in data]
-    assert drawn != [int(r.argmax()) for r in data]              # it does sample
+    assert drawn != best                                          # it does sample
     for r, t in zip(data, drawn):
-        assert t in torch.topk(r, 20).indices.tolist()
+        assert int((r > r[t]).sum()) < 20                         # among the 20 largest
 
 
 # -- over gRPC ----------------------------------------------------------------------------------

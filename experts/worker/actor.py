@@ -19,7 +19,7 @@ from experts.model.checkpoint import Checkpoint
 from experts.wire.dataplane import DataPlaneServer
 from experts.kernels.ffn import run_grouped
 from experts.model.dtypes import TORCH_DTYPES
-from experts.model.spec import load_spec
+from experts.model.spec import ModelSpec
 from memory.segments import ExpertSegment, ExpertShape, segment_name
 from memory.slots import SlotPool
 from experts.wire.transfer import TransferClient, TransferServer
@@ -58,13 +58,13 @@ class ReceiveResult:
 class ExpertWorker:
     """Plain class; the controller wraps it with `ray.remote`. Tests may also run it in-process."""
 
-    def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, host: str,
+    def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, host: str,
                  node_id: str = "", capacity: int = 0, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
         self.worker_id = worker_id
         self.namespace = namespace
         self.model_dir = model_dir
-        self.spec = load_spec(model_dir, dtype)
+        self.spec = spec   # parsed once by the engine: a worker never imports transformers
         self.shape = ExpertShape(self.spec.hidden, self.spec.expert_intermediate, TORCH_DTYPES[self.spec.dtype])
         self.pool = SlotPool(len(self.spec.moe_layers), capacity or self.spec.num_experts)
         self.node_id = node_id or _ray_node_id()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import ray
 
+from experts.model.spec import ModelSpec
 from experts.worker.actor import ExpertWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,12 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
 class _RayWorker(ExpertWorker):
     """ExpertWorker as an actor; binds its sockets on its Ray node's address."""
 
-    def __init__(self, worker_id: str, namespace: str, model_dir: str, dtype: str, capacity: int) -> None:
-        super().__init__(worker_id, namespace, model_dir, dtype, host=ray.util.get_node_ip_address(),
+    def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, capacity: int) -> None:
+        super().__init__(worker_id, namespace, model_dir, spec, host=ray.util.get_node_ip_address(),
                          node_id=ray.get_runtime_context().get_node_id(), capacity=capacity)
 
 
-def start_worker(worker_id: str, namespace: str, model_dir: str, dtype: str, capacity: int,
+def start_worker(worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, capacity: int,
                  resources: WorkerResources) -> "ray.actor.ActorHandle":
     """Start one worker actor (asynchronously: call `info` to wait for it)."""
     return _RayWorker.options(
@@ -85,7 +86,7 @@ def start_worker(worker_id: str, namespace: str, model_dir: str, dtype: str, cap
         max_concurrency=4,          # control calls run beside each other; the data plane has its own threads
         scheduling_strategy="SPREAD",
         max_restarts=0,
-    ).remote(worker_id, namespace, model_dir, dtype, capacity)
+    ).remote(worker_id, namespace, model_dir, spec, capacity)
 
 
 def available() -> dict[str, float]:

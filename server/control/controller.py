@@ -75,7 +75,7 @@ class Controller:
             with self._standby_lock:
                 taken, self._standby = self._standby[:count], self._standby[count:]
         ids = [f"w{next(self._ids)}" for _ in range(count - len(taken))]
-        handles = [cluster.start_worker(i, self.namespace, self.model_dir, self.spec.dtype, self.slots,
+        handles = [cluster.start_worker(i, self.namespace, self.model_dir, self.spec, self.slots,
                                         self.resources) for i in ids]
         try:
             infos = cluster.info_of(handles, timeout=self.prepare_timeout)
