@@ -44,6 +44,14 @@ class Routing:
             count.append(torch.tensor([len(h) for h in lists], dtype=torch.long))
         return Routing(version, tuple(workers), tuple(holders), tuple(count))
 
+    def owners(self, layer: int, ids: np.ndarray, top_k: int) -> np.ndarray:
+        """ids [T*A] experts of MoE layer ``layer`` chosen per pair, token-major -> [T*A] index into
+        ``workers`` of the holder each pair goes to: replica (token index mod holders), so a hot
+        expert's tokens alternate over its replicas and the same batch always goes the same way."""
+        holders, count = self.holders[layer].numpy(), self.count[layer].numpy()
+        token = np.arange(ids.shape[0]) // top_k
+        return holders[ids, token % count[ids]]
+
 
 class RemoteExperts:
     """ExpertBackend that sends each worker its share of a layer's pairs and sums the answers."""
@@ -67,14 +75,12 @@ class RemoteExperts:
         # The routing below runs on every layer of every step over a few dozen pairs: numpy's
         # per-call cost is a fraction of torch's at these sizes, and the arrays are views.
         l = self.moe_index[layer]
-        t, a = topk_ids.shape
-        holders, count = self.routing.holders[l].numpy(), self.routing.count[l].numpy()
-        num_experts = count.shape[0]
+        a = topk_ids.shape[1]
+        num_experts = self.routing.count[l].shape[0]
         ids = topk_ids.numpy().reshape(-1)
         routed = np.bincount(ids, minlength=num_experts)   # summed over the step's micro-batches
         self.expert_counts[l] = self.expert_counts[l] + routed if l in self.expert_counts else routed
-        token = np.repeat(np.arange(t), a)
-        owner = holders[ids, token % count[ids]]          # replica chosen by token: spreads hot experts
+        owner = self.routing.owners(l, ids, a)
         key = owner * num_experts + ids
         order = np.argsort(key, kind="stable")            # pairs grouped by (worker, expert)
         sorted_key = key[order]

@@ -1,0 +1,83 @@
+"""Replica routing: the engine's log2phy tables (`Routing.build`) and the replica each (token,
+expert) pair goes to (`Routing.owners`): a hot expert's tokens are split over its holders by token
+index, evenly and the same way every time; every pair goes to a worker that holds its expert."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experts.placement.planner import plan_placement
+from server.engine.exchange import Routing
+
+# 3 workers, 2 MoE layers, 4 experts. Layer 0: expert 1 on every worker, expert 2 on w0 and w2.
+EXPERTS_OF = [
+    [[0, 1, 2], [0]],
+    [[1, 3], [1, 2]],
+    [[1, 2], [3, 0]],
+]
+
+
+def routing() -> Routing:
+    return Routing.build(7, ["w0", "w1", "w2"], EXPERTS_OF, num_layers=2, num_experts=4)
+
+
+def test_build_lists_every_holder_in_worker_order() -> None:
+    r = routing()
+    assert r.version == 7 and r.workers == ("w0", "w1", "w2")
+    assert r.count[0].tolist() == [1, 3, 2, 1] and r.count[1].tolist() == [2, 1, 1, 1]
+    for layer in range(2):
+        for e in range(4):
+            n = int(r.count[layer][e])
+            held = [w for w in range(3) if e in EXPERTS_OF[w][layer]]
+            assert r.holders[layer][e, :n].tolist() == held, (layer, e)
+
+
+def test_an_expert_without_a_holder_is_refused_naming_layer_and_expert() -> None:
+    with pytest.raises(ValueError, match=r"v3: layer 1 experts \[3\] have no holder"):
+        Routing.build(3, ["w0"], [[[0, 1, 2, 3], [0, 1, 2]]], num_layers=2, num_experts=4)
+
+
+def test_a_hot_experts_tokens_alternate_over_its_holders() -> None:
+    r = routing()
+    # 6 tokens, top-2: every token picks expert 1 (3 holders) and expert 2 (w0, w2)
+    ids = np.array([1, 2] * 6)
+    owner = r.owners(0, ids, top_k=2).reshape(6, 2)
+    assert owner[:, 0].tolist() == [0, 1, 2, 0, 1, 2]   # token t -> holder t mod 3
+    assert owner[:, 1].tolist() == [0, 2, 0, 2, 0, 2]   # token t -> holder t mod 2
+
+
+def test_a_single_holder_gets_every_token_of_its_expert() -> None:
+    ids = np.array([0, 3] * 5)
+    assert r_owners(0, ids).tolist() == [0, 1] * 5
+    assert r_owners(1, np.array([3, 1, 3, 2])).tolist() == [2, 1, 2, 1]
+
+
+def r_owners(layer: int, ids: np.ndarray) -> np.ndarray:
+    return routing().owners(layer, ids, top_k=2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_pair_reaches_a_holder_and_the_split_is_even_and_repeatable(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tokens, top_k = 64, 2
+    # every token picks the hot expert 1 and one other, in random order
+    ids = np.stack([rng.permutation([1, rng.choice([0, 2, 3])]) for _ in range(tokens)]).reshape(-1)
+    r = routing()
+    for layer in range(2):
+        owner = r.owners(layer, ids, top_k)
+        assert all(int(e) in EXPERTS_OF[int(w)][layer] for e, w in zip(ids, owner)), layer
+        assert np.array_equal(owner, r.owners(layer, ids.copy(), top_k))
+    shares = np.bincount(r.owners(0, ids, top_k)[ids == 1], minlength=3)   # expert 1: on all 3 in layer 0
+    assert shares.sum() == tokens and shares.max() - shares.min() <= 1, shares
+
+
+def test_the_planners_hot_replicas_route_to_every_replica() -> None:
+    load = [[90, 3, 3, 3, 3, 3, 3, 3], [3] * 8]
+    plan = plan_placement(None, ["a", "b", "c"], dict.fromkeys("abc", "n0"), 2, 8, 4, load=load, replicate_hot=True)
+    holders = plan.placement.holders(0, 0)
+    assert len(holders) >= 2
+    r = Routing.build(2, plan.placement.workers, plan.placement.experts, 2, 8)
+    ids = np.array([[0, 1 + t % 7] for t in range(30)]).reshape(-1)
+    owner = r.owners(0, ids, top_k=2)[ids == 0]
+    assert {plan.placement.workers[w] for w in owner.tolist()} == set(holders)
+    assert np.bincount(owner).max() - np.bincount(owner)[np.bincount(owner) > 0].min() <= 1
