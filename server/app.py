@@ -20,6 +20,7 @@ from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import load_spec
 from memory.kv_blocks import KVBlockTable
 from memory.segments import unlink_namespace
+from experts.wire.config import LOOPBACK, WireConfig
 from server.control import cluster
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
@@ -123,7 +124,9 @@ class Server:
         self.controller = Controller(
             spec, os.path.abspath(c.model), self.namespace, self._commit,
             cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
-            c.prepare_timeout_s, self._expert_load, c.replicate_hot)
+            c.prepare_timeout_s, self._expert_load, c.replicate_hot,
+            # workers listen on loopback unless the server joins a cluster that spans nodes
+            wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
         # ports first: a port already taken fails the start before Ray or any worker is started;
         # health answers NOT_SERVING until the experts are in place (requests meanwhile wait)
         self._start_grpc()

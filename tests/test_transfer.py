@@ -11,15 +11,17 @@ import pytest
 import torch
 
 from memory.segments import ExpertSegment, ExpertShape, segment_name
+from experts.wire.auth import PURPOSE_TRANSFER, ServerHandshake, ServerSecret
 from experts.wire.transfer import TransferClient, TransferServer, fetch
 from tests.test_segments import SMALL, SPAWN, _recv, expert_weights, fill, holds, namespace  # noqa: F401
 
 LOOPBACK = "127.0.0.1"
 BIG = ExpertShape(4096, 4352, torch.float32)  # 3 * 4096 * 4352 * 4 B = 214 MB
 EXPERTS = [(0, 0), (0, 3), (2, 1)]
+SECRET = ServerSecret.generate()   # a spawned child gets it as an argument: its import draws another
 
 
-def _serve_child(conn, namespace: str) -> None:
+def _serve_child(conn, namespace: str, secret: ServerSecret) -> None:
     """A peer worker: creates experts that name themselves, serves them until told to stop."""
     segs = {}
     for dtype, shape in SMALL.items():
@@ -31,7 +33,8 @@ def _serve_child(conn, namespace: str) -> None:
     big.gate_up.fill_(9.5)
     big.down.copy_(torch.arange(BIG.down_numel, dtype=torch.float32).view_as(big.down))
     segs[big.name] = big
-    server = TransferServer(LOOPBACK, lambda name: segs[name].buffer() if name in segs else None)
+    server = TransferServer(LOOPBACK, lambda name: segs[name].buffer() if name in segs else None,
+                            secret=secret, name_prefix=f"emoe-{namespace}-")
     conn.send((server.start(), list(segs)))
     _recv(conn, timeout=120)
     server.stop()
@@ -43,12 +46,12 @@ def _serve_child(conn, namespace: str) -> None:
 
 def test_fetch_across_processes(namespace, capsys):
     parent, child_end = SPAWN.Pipe()
-    child = SPAWN.Process(target=_serve_child, args=(child_end, namespace))
+    child = SPAWN.Process(target=_serve_child, args=(child_end, namespace, SECRET))
     child.start()
     try:
         address, names = _recv(parent)
         route = f"{address[0]}:{address[1]} -> local"
-        with TransferClient(address) as client:  # one connection, several fetches in sequence
+        with TransferClient(address, secret=SECRET) as client:  # one connection, several fetches in sequence
             for dtype, shape in SMALL.items():
                 for layer, e in EXPERTS:
                     src = segment_name(namespace, layer, e, f"src_{str(dtype)[6:]}")
@@ -57,15 +60,15 @@ def test_fetch_across_processes(namespace, capsys):
                         assert (result.name, result.nbytes) == (src, shape.nbytes)
                         assert holds(dst, layer, e)
                         dst.unlink()
-            with pytest.raises(RuntimeError, match=rf"'no-such' {route} failed: the peer does not have it"):
-                client.fetch("no-such", memoryview(bytearray(16)))
+            with pytest.raises(RuntimeError, match=rf"'emoe-{namespace}-no-such' {route} failed: the peer does not have it"):
+                client.fetch(f"emoe-{namespace}-no-such", memoryview(bytearray(16)))
             with pytest.raises(RuntimeError, match=f"{route} failed: the peer holds"):
                 client.fetch(names[0], memoryview(bytearray(16)))
             assert holds_after_refusals(client, names[0], SMALL[torch.float32])
 
         with ExpertSegment.create(segment_name(namespace, 9, 9, "dst_big"), BIG) as dst:
             for attempt in range(2):  # the first also pays for faulting in fresh destination pages
-                result = fetch(address, segment_name(namespace, 9, 9, "src_big"), dst.buffer())
+                result = fetch(address, segment_name(namespace, 9, 9, "src_big"), dst.buffer(), secret=SECRET)
                 with capsys.disabled():
                         print(f"\npeer copy {result.nbytes / 1e6:.0f} MB across processes: "
                           f"{result.seconds * 1e3:.0f} ms, {result.nbytes / result.seconds / 1e9:.2f} "
@@ -78,7 +81,7 @@ def test_fetch_across_processes(namespace, capsys):
         child.join(timeout=30)
         assert child.exitcode == 0
         with pytest.raises(RuntimeError, match="cannot connect"):
-            fetch(address, names[0], memoryview(bytearray(16)), timeout=5)
+            fetch(address, names[0], memoryview(bytearray(16)), timeout=5, secret=SECRET)
     finally:
         if child.is_alive():
             child.kill()
@@ -102,7 +105,8 @@ def big_source():
 
 
 def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
-    server = TransferServer(LOOPBACK, lambda name: big_source if name == "big" else None)
+    server = TransferServer(LOOPBACK, lambda name: big_source if name == "big" else None, secret=SECRET,
+                            name_prefix="")
     address = server.start()
     dest = memoryview(bytearray(big_source.nbytes))
     outcome: list = []
@@ -110,7 +114,7 @@ def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
     def receive() -> None:
         try:
             # Small receives stretch the transfer (~0.25 s here) so stop() lands mid-way.
-            outcome.append(fetch(address, "big", dest, timeout=30, chunk_bytes=8 << 10))
+            outcome.append(fetch(address, "big", dest, timeout=30, chunk_bytes=8 << 10, secret=SECRET))
         except RuntimeError as e:
             outcome.append(e)
 
@@ -132,12 +136,15 @@ def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
 
 
 def _fake_peer(reply) -> tuple[tuple[str, int], threading.Thread, socket.socket]:
-    """A one-shot peer that reads a request and then does whatever `reply(conn)` does."""
+    """A one-shot peer that proves itself, reads a request and then does whatever `reply(conn)` does."""
     listener = socket.create_server((LOOPBACK, 0))
 
     def run() -> None:
         conn, _ = listener.accept()
         with conn:
+            handshake = ServerHandshake(SECRET, (PURPOSE_TRANSFER,))
+            while handshake.expects():
+                conn.sendall(handshake.feed(conn.recv(handshake.expects(), socket.MSG_WAITALL)))
             conn.recv(4096)
             reply(conn)
 
@@ -148,11 +155,11 @@ def _fake_peer(reply) -> tuple[tuple[str, int], threading.Thread, socket.socket]
 
 def test_connection_dropped_mid_transfer():
     def half(conn: socket.socket) -> None:
-        conn.sendall(struct.pack("!4sBBQ", b"EMOE", 1, 0, 1000) + bytes(400))
+        conn.sendall(struct.pack("<4sBQ", b"EMT2", 0, 1000) + bytes(400))
 
     address, thread, listener = _fake_peer(half)
     with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 400 of 1000 bytes"):
-        fetch(address, "x", memoryview(bytearray(1000)), timeout=10)
+        fetch(address, "x", memoryview(bytearray(1000)), timeout=10, secret=SECRET)
     thread.join(timeout=5)
 
 
@@ -161,7 +168,7 @@ def test_silent_peer_times_out():
     address, thread, listener = _fake_peer(lambda conn: release.wait(10))
     started = time.monotonic()
     with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 0 of 8 bytes: timed out"):
-        fetch(address, "x", memoryview(bytearray(8)), timeout=0.5)
+        fetch(address, "x", memoryview(bytearray(8)), timeout=0.5, secret=SECRET)
     assert time.monotonic() - started < 3
     release.set()
     thread.join(timeout=5)
@@ -184,17 +191,17 @@ def _conn_threads() -> int:
 
 def test_many_fetches_leak_no_threads_or_fds():
     source = memoryview(bytes(range(256)) * 1024)
-    server = TransferServer(LOOPBACK, lambda name: source if name == "s" else None)
+    server = TransferServer(LOOPBACK, lambda name: source if name == "s" else None, secret=SECRET, name_prefix="")
     address = server.start()
     dest = memoryview(bytearray(source.nbytes))
-    fetch(address, "s", dest)  # warm up lazily created state before taking the baseline
+    fetch(address, "s", dest, secret=SECRET)  # warm up lazily created state before taking the baseline
     _wait_for(lambda: _conn_threads() == 0, "the warm-up connection to end")
     fds, threads = _open_fds(), threading.active_count()
     for _ in range(200):
-        fetch(address, "s", dest)
+        fetch(address, "s", dest, secret=SECRET)
         with pytest.raises(RuntimeError):
-            fetch(address, "missing", dest)
-    with TransferClient(address) as client:
+            fetch(address, "missing", dest, secret=SECRET)
+    with TransferClient(address, secret=SECRET) as client:
         for _ in range(50):
             client.fetch("s", dest)
         assert _conn_threads() == 1, "one connection, one server thread"
@@ -202,7 +209,7 @@ def test_many_fetches_leak_no_threads_or_fds():
               f"fds ({fds}) and threads ({threads}) to return to their baseline")
     assert bytes(dest) == bytes(source)
     # stop() closes idle live connections too; the client sees a bounded failure.
-    client = TransferClient(address)
+    client = TransferClient(address, secret=SECRET)
     client.fetch("s", dest)
     server.stop()
     with pytest.raises(RuntimeError, match="failed after 0 of"):

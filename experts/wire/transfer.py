@@ -1,36 +1,46 @@
-"""Peer copy of segment bytes from worker to worker across nodes, over plain TCP.
+"""Peer copy of segment bytes from worker to worker across nodes, over TCP.
 
 Bytes go socket to socket: `sendall` from the source segment's memoryview, `recv_into` the
 receiver's memoryview, in chunks, so neither side makes an intermediate copy and nothing passes
 through the driver or Ray's object store (pickled tensors through it measured 0.09 GB/s here).
 
-Framing, version 1 (network byte order):
-    request: magic b"EMOE", u8 version, u16 name length, u64 expected bytes, then the UTF-8 name
-    reply:   magic b"EMOE", u8 version, u8 status, u64 bytes, then that many bytes if status OK
-The receiver states the size it expects, so a mismatch is refused before any byte moves (the
-reply carries the source's size). A connection serves requests in sequence until the peer
-closes it, it idles past `io_timeout`, or the server stops. `TransferClient` reuses one
-connection; `fetch` opens a fresh one per call: a handshake well under a millisecond against
-megabytes moved, and no connection cache shared between threads. A failure mid-transfer
-closes the connection, since the stream position is lost.
+Every connection first proves it belongs to this server (experts/wire/auth.py, purpose TRANSFER):
+a process that does not hold the server's secret gets no byte of any expert. Then, in the wire's
+byte order (experts/wire/framing.py):
+    request: magic b"EMT2", u16 name length (<= 255), u64 expected bytes, then the UTF-8 name
+    reply:   magic b"EMT2", u8 status, u64 bytes, then that many bytes if status OK
+Only names of this server's namespace are served. The receiver states the size it expects, so a
+mismatch is refused before any byte moves (the reply carries the source's size). A connection
+serves requests in sequence until the peer closes it, it idles past `io_timeout`, or the server
+stops. `TransferClient` reuses one connection; `fetch` opens a fresh one per call: a handshake
+well under a millisecond against megabytes moved. A failure mid-transfer closes the connection,
+since the stream position is lost.
 """
 from __future__ import annotations
 
 import logging
 import socket
-import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from experts.wire.auth import PURPOSE_TRANSFER, ServerHandshake, ServerSecret, client_handshake
+from experts.wire.framing import (BoundedAcceptor, ConnectionLimits, as_bytes, frame, nodelay, recv_bytes,
+                                  recv_message_start, remaining)
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"EMOE"
-VERSION = 1
-_REQUEST = struct.Struct("!4sBHQ")
-_REPLY = struct.Struct("!4sBBQ")
+MAGIC = b"EMT2"
+MAX_NAME = 255
+_REQUEST = frame("4sHQ")
+_REPLY = frame("4sBQ")
 OK, NOT_FOUND, SIZE_MISMATCH, BAD_REQUEST = 0, 1, 2, 3  # reply status
+
+
+def transfer_limits(io_timeout: float) -> ConnectionLimits:
+    # peers fetch from a handful of connections at once (one per source a receiver copies from)
+    return ConnectionLimits(max_connections=32, max_pending=64, handshake_timeout=2.0, io_timeout=io_timeout,
+                            idle_timeout=io_timeout)
 
 
 @dataclass(frozen=True)
@@ -43,24 +53,25 @@ class TransferResult:
 
 
 class TransferServer:
-    """Serves segments' bytes to peers. Runs a listener thread; one thread per connection.
+    """Serves segments' bytes to proven peers, one thread per live connection (bounded).
 
     `lookup(name)` returns the segment's bytes (a C-contiguous memoryview, e.g.
     `ExpertSegment.buffer()`) or None. It runs on connection threads, so it must be thread-safe.
+    Only names starting with `name_prefix` (this server's namespace) are looked up.
     """
 
-    def __init__(self, host: str, lookup: Callable[[str], memoryview | None],
-                 chunk_bytes: int = 4 << 20, port: int = 0, io_timeout: float = 30.0) -> None:
+    def __init__(self, host: str, lookup: Callable[[str], memoryview | None], chunk_bytes: int = 4 << 20,
+                 port: int = 0, io_timeout: float = 30.0, *, secret: ServerSecret, name_prefix: str) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes!r}")
         self.host, self.port = host, port
         self.chunk_bytes, self.io_timeout = chunk_bytes, io_timeout
+        self.limits = transfer_limits(io_timeout)
         self._lookup = lookup
-        self._lock = threading.Lock()
+        self._secret = secret
+        self._prefix = name_prefix
         self._stopping = False
-        self._listener: socket.socket | None = None
-        self._listen_thread: threading.Thread | None = None
-        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._acceptor: BoundedAcceptor | None = None
         self._address: tuple[str, int] | None = None
 
     @property
@@ -70,95 +81,59 @@ class TransferServer:
 
     def start(self) -> tuple[str, int]:
         """Bind and listen (port 0 picks a free one); returns the address peers fetch from."""
-        if self._listener is not None or self._stopping:
+        if self._acceptor is not None or self._stopping:
             raise RuntimeError(f"TransferServer cannot start twice (address {self._address})")
-        self._listener = socket.create_server((self.host, self.port), backlog=64)
-        host, port = self._listener.getsockname()[:2]
-        self._address = (host, port)
-        self._listen_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name=f"emoe-transfer-listen-{port}")
-        self._listen_thread.start()
+        listener = socket.create_server((self.host, self.port), backlog=128)
+        self._address = listener.getsockname()[:2]
+        self._acceptor = BoundedAcceptor(listener, lambda: ServerHandshake(self._secret, (PURPOSE_TRANSFER,)),
+                                         self._serve, self.limits, "emoe-transfer")
         return self._address
+
+    @property
+    def refused(self) -> int:
+        return self._acceptor.refused if self._acceptor is not None else 0
 
     def stop(self) -> None:
         """Close the listener and every live connection, then join the threads. Idempotent."""
-        with self._lock:
-            if self._stopping:
+        self._stopping = True
+        if self._acceptor is not None:
+            self._acceptor.stop()
+
+    def _serve(self, conn: socket.socket, purpose: int) -> None:
+        nodelay(conn)
+        head = bytearray(_REQUEST.size)
+        while not self._stopping and recv_message_start(conn, memoryview(head), self.limits.io_timeout,
+                                                        self.limits.idle_timeout):
+            magic, name_len, expected = _REQUEST.unpack(head)
+            if magic != MAGIC or not 1 <= name_len <= MAX_NAME:
+                conn.sendall(_REPLY.pack(MAGIC, BAD_REQUEST, 0))
                 return
-            self._stopping = True
-            conns = list(self._conns.items())
-        # shutdown() wakes threads blocked in accept/recv/send; each thread closes its own
-        # socket, since closing a descriptor another thread is blocked on may hit a reused fd.
-        for sock in [self._listener, *(c for c, _ in conns)]:
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        me = threading.current_thread()
-        for thread in [self._listen_thread, *(t for _, t in conns)]:
-            if thread is not None and thread is not me:
-                thread.join(timeout=10.0)
-                if thread.is_alive():
-                    log.warning("transfer thread %s did not stop within 10 s", thread.name)
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        try:
-            while True:
-                try:
-                    conn, _ = self._listener.accept()
-                except OSError:
-                    return  # stop() shut the listener down
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.settimeout(self.io_timeout)
-                thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                          name=f"emoe-transfer-conn-{conn.fileno()}")
-                with self._lock:
-                    if self._stopping:
-                        conn.close()
-                        return
-                    self._conns[conn] = thread
-                thread.start()
-        finally:
-            self._listener.close()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            while not self._stopping:
-                head = conn.recv(_REQUEST.size)
-                if not head:
-                    return  # the peer closed between requests
-                head += _recv_exact(conn, _REQUEST.size - len(head))
-                magic, version, name_len, expected = _REQUEST.unpack(head)
-                if magic != MAGIC or version != VERSION:
-                    conn.sendall(_REPLY.pack(MAGIC, VERSION, BAD_REQUEST, 0))
-                    return
-                name = _recv_exact(conn, name_len).decode("utf-8", errors="replace")
-                self._answer(conn, name, expected)
-        except OSError as e:
-            # The peer went away, sat idle past io_timeout, or stop() shut the socket.
-            log.debug("transfer connection closed: %s", e)
-        finally:
-            with self._lock:
-                self._conns.pop(conn, None)
-            conn.close()
+            raw = recv_bytes(conn, name_len, time.monotonic() + self.io_timeout)
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                name = ""
+            if not name.startswith(self._prefix) or "/" in name:
+                log.warning("transfer: refused a request for %r (not of this server)", raw[:64])
+                conn.sendall(_REPLY.pack(MAGIC, BAD_REQUEST, 0))
+                return
+            self._answer(conn, name, expected)
 
     def _answer(self, conn: socket.socket, name: str, expected: int) -> None:
         try:
             found = self._lookup(name)
-            view = None if found is None else _as_bytes(found)
+            view = None if found is None else as_bytes(found)
         except Exception:
             log.exception("transfer lookup of segment %r failed", name)
             view = None
         if view is None:
-            conn.sendall(_REPLY.pack(MAGIC, VERSION, NOT_FOUND, 0))
+            conn.sendall(_REPLY.pack(MAGIC, NOT_FOUND, 0))
             return
         nbytes = view.nbytes
         if nbytes != expected:
-            conn.sendall(_REPLY.pack(MAGIC, VERSION, SIZE_MISMATCH, nbytes))
+            conn.sendall(_REPLY.pack(MAGIC, SIZE_MISMATCH, nbytes))
             return
-        conn.sendall(_REPLY.pack(MAGIC, VERSION, OK, nbytes))
+        conn.sendall(_REPLY.pack(MAGIC, OK, nbytes))
         for offset in range(0, nbytes, self.chunk_bytes):
             if self._stopping:
                 raise ConnectionAbortedError(f"server stopping, segment {name!r} cut short")
@@ -166,16 +141,21 @@ class TransferServer:
 
 
 class TransferClient:
-    """One connection to a peer's TransferServer, reused by the fetches made through it."""
+    """One proven connection to a peer's TransferServer, reused by the fetches made through it."""
 
-    def __init__(self, address: tuple[str, int], timeout: float = 30.0) -> None:
+    def __init__(self, address: tuple[str, int], timeout: float = 30.0, *, secret: ServerSecret) -> None:
         self.address = address
         self._route = f"{address[0]}:{address[1]} -> local"
         try:
-            self._sock: socket.socket | None = socket.create_connection(address, timeout=timeout)
+            sock = nodelay(socket.create_connection(address, timeout=timeout))
         except OSError as e:
             raise RuntimeError(f"transfer {self._route}: cannot connect: {e}") from e
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            client_handshake(sock, secret, PURPOSE_TRANSFER, timeout)
+        except OSError as e:   # PermissionError (refused) and timeouts included
+            sock.close()
+            raise RuntimeError(f"transfer {self._route}: handshake failed: {e}") from e
+        self._sock: socket.socket | None = sock
 
     def fetch(self, name: str, dest: memoryview, timeout: float = 30.0,
               chunk_bytes: int = 4 << 20) -> TransferResult:
@@ -186,27 +166,29 @@ class TransferClient:
         what = f"transfer of segment {name!r} {self._route}"
         if self._sock is None:
             raise RuntimeError(f"{what}: client is closed")
-        dest, encoded = _as_bytes(dest), name.encode("utf-8")
-        if dest.readonly or chunk_bytes <= 0 or len(encoded) > 0xFFFF:
-            raise ValueError(f"{what}: need a writable dest, chunk_bytes > 0 and a name under "
-                             f"64 KiB, got readonly={dest.readonly}, chunk_bytes={chunk_bytes}")
+        dest, encoded = as_bytes(dest), name.encode("utf-8")
+        if dest.readonly or chunk_bytes <= 0 or not 1 <= len(encoded) <= MAX_NAME:
+            raise ValueError(f"{what}: need a writable dest, chunk_bytes > 0 and a name of 1 to {MAX_NAME} "
+                             f"bytes, got readonly={dest.readonly}, chunk_bytes={chunk_bytes}, "
+                             f"name of {len(encoded)} bytes")
         nbytes, sock, got = dest.nbytes, self._sock, 0
         deadline = (start := time.monotonic()) + timeout
         try:
-            sock.settimeout(_remaining(deadline))
-            sock.sendall(_REQUEST.pack(MAGIC, VERSION, len(encoded), nbytes) + encoded)
-            magic, version, status, size = _REPLY.unpack(_recv_exact(sock, _REPLY.size, deadline))
-            if magic != MAGIC or version != VERSION:
-                raise ConnectionError(f"not a version {VERSION} transfer reply: {magic!r} v{version}")
+            sock.settimeout(remaining(deadline))
+            sock.sendall(_REQUEST.pack(MAGIC, len(encoded), nbytes) + encoded)
+            magic, status, size = _REPLY.unpack(recv_bytes(sock, _REPLY.size, deadline))
+            if magic != MAGIC:
+                raise ConnectionError(f"not a transfer reply: {magic!r}")
             if status == SIZE_MISMATCH:
                 raise RuntimeError(f"{what} failed: the peer holds {size} bytes, dest has {nbytes}")
             if status == NOT_FOUND:
                 raise RuntimeError(f"{what} failed: the peer does not have it")
             if status != OK:
                 raise ConnectionError(f"the peer refused the request (status {status})")
-            assert size == nbytes, (size, nbytes)
+            if size != nbytes:
+                raise ConnectionError(f"the peer offers {size} bytes for a {nbytes}-byte request")
             while got < nbytes:
-                sock.settimeout(_remaining(deadline))
+                sock.settimeout(remaining(deadline))
                 received = sock.recv_into(dest[got:got + chunk_bytes])
                 if received == 0:
                     raise ConnectionError("the peer closed the connection")
@@ -230,39 +212,10 @@ class TransferClient:
 
 
 def fetch(address: tuple[str, int], name: str, dest: memoryview, timeout: float = 30.0,
-          chunk_bytes: int = 4 << 20) -> TransferResult:
+          chunk_bytes: int = 4 << 20, *, secret: ServerSecret) -> TransferResult:
     """Fetch segment `name` from the peer at `address` into `dest` over a fresh connection.
 
     `timeout` bounds connecting, then (separately) the fetch.
     """
-    with TransferClient(address, timeout=timeout) as client:
+    with TransferClient(address, timeout=timeout, secret=secret) as client:
         return client.fetch(name, dest, timeout=timeout, chunk_bytes=chunk_bytes)
-
-
-def _as_bytes(view: memoryview) -> memoryview:
-    view = memoryview(view)
-    if view.format == "B" and view.ndim == 1:
-        return view
-    if not view.c_contiguous:
-        raise ValueError(f"transfer buffers must be C-contiguous, got shape {view.shape}")
-    return view.cast("B")
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        if deadline is not None:
-            sock.settimeout(_remaining(deadline))
-        received = sock.recv_into(view[got:])
-        if received == 0:
-            raise ConnectionError(f"the peer closed the connection after {got} of {n} bytes of a header")
-        got += received
-    return bytes(buf)

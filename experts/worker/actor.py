@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from experts.model.checkpoint import Checkpoint
+from experts.wire.config import WireConfig
 from experts.wire.dataplane import DataPlaneServer
+from experts.wire.messages import ExchangeBounds
 from experts.kernels.ffn import run_grouped
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
@@ -59,7 +61,7 @@ class ExpertWorker:
     """Plain class; the controller wraps it with `ray.remote`. Tests may also run it in-process."""
 
     def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, host: str,
-                 node_id: str = "", capacity: int = 0, num_threads: int = 1) -> None:
+                 node_id: str = "", capacity: int = 0, num_threads: int = 1, *, wire: WireConfig) -> None:
         torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
         self.worker_id = worker_id
         self.namespace = namespace
@@ -73,8 +75,10 @@ class ExpertWorker:
         self._checkpoint: Checkpoint | None = None
         self._tokens = 0
         self._fail_after: int | None = None   # failpoint: see inject_fault
-        self.data = DataPlaneServer(host, self.spec.hidden, self._compute)
-        self.transfer = TransferServer(host, self._segment_bytes)
+        self.wire = wire   # the server's secret arrives here, through Ray, and goes nowhere else
+        self.data = DataPlaneServer(host, ExchangeBounds.of(spec, wire.max_step_tokens), self._compute, wire.secret,
+                                    ring_prefix=f"emoe-{namespace}-ring-{worker_id}-")
+        self.transfer = TransferServer(host, self._segment_bytes, secret=wire.secret, name_prefix=f"emoe-{namespace}-")
         self.transfer.start()
         _serve_at_normal_priority()   # started (imports done) at Ray's low priority; now it serves
 
@@ -157,7 +161,7 @@ class ExpertWorker:
         try:
             client = clients.get(it.src_address)
             if client is None:
-                client = clients[it.src_address] = TransferClient(it.src_address)
+                client = clients[it.src_address] = TransferClient(it.src_address, secret=self.wire.secret)
             client.fetch(it.src_segment, seg.buffer())
         except Exception:
             self._drop(seg, unlink=True)

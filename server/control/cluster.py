@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import ray
 
 from experts.model.spec import ModelSpec
+from experts.wire.config import WireConfig
 from experts.worker.actor import ExpertWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,17 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
 
 @ray.remote
 class _RayWorker(ExpertWorker):
-    """ExpertWorker as an actor; binds its sockets on its Ray node's address."""
+    """ExpertWorker as an actor; binds its sockets on the address the server was told (loopback
+    unless it spans nodes, then its Ray node's address)."""
 
-    def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, capacity: int) -> None:
-        super().__init__(worker_id, namespace, model_dir, spec, host=ray.util.get_node_ip_address(),
-                         node_id=ray.get_runtime_context().get_node_id(), capacity=capacity)
+    def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, capacity: int,
+                 wire: WireConfig) -> None:
+        super().__init__(worker_id, namespace, model_dir, spec, host=wire.bind_host or ray.util.get_node_ip_address(),
+                         node_id=ray.get_runtime_context().get_node_id(), capacity=capacity, wire=wire)
 
 
 def start_worker(worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, capacity: int,
-                 resources: WorkerResources) -> "ray.actor.ActorHandle":
+                 resources: WorkerResources, wire: WireConfig) -> "ray.actor.ActorHandle":
     """Start one worker actor (asynchronously: call `info` to wait for it)."""
     return _RayWorker.options(
         name=f"{namespace}-{worker_id}",
@@ -86,7 +89,12 @@ def start_worker(worker_id: str, namespace: str, model_dir: str, spec: ModelSpec
         max_concurrency=4,          # control calls run beside each other; the data plane has its own threads
         scheduling_strategy="SPREAD",
         max_restarts=0,
-    ).remote(worker_id, namespace, model_dir, spec, capacity)
+    ).remote(worker_id, namespace, model_dir, spec, capacity, wire)
+
+
+def this_node() -> str:
+    """The Ray node id of this process (the engine's, in the driver)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def available() -> dict[str, float]:

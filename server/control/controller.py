@@ -20,7 +20,8 @@ from typing import Callable
 
 import ray
 
-from experts.wire.dataplane import WorkerLink
+from experts.wire.config import WireConfig
+from experts.wire.dataplane import ExchangeLink, open_link
 from experts.placement.planner import Placement, Plan, plan_placement
 from experts.model.spec import ModelSpec
 from experts.worker.actor import Incoming, ReceiveResult, WorkerInfo
@@ -47,7 +48,7 @@ class Controller:
                  resources: WorkerResources = WorkerResources(), slots_per_worker: int = 0,
                  standby: int = 0, prepare_timeout: float = 300.0,
                  expert_load: Callable[[], list[list[float]] | None] = lambda: None,
-                 replicate_hot: bool = False) -> None:
+                 replicate_hot: bool = False, wire: WireConfig | None = None) -> None:
         self.spec = spec
         self.model_dir = model_dir
         self.namespace = namespace
@@ -58,6 +59,7 @@ class Controller:
         self.prepare_timeout = prepare_timeout
         self.expert_load = expert_load
         self.replicate_hot = replicate_hot
+        self.wire = wire or WireConfig.generate()   # the per-server secret, handed to each worker it starts
         self.topology: Topology | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -65,7 +67,7 @@ class Controller:
         self._standby: list[_Live] = []
         self._standby_lock = threading.Lock()
         self._standby_starting = 0
-        self._links: dict[str, WorkerLink] = {}
+        self._links: dict[str, ExchangeLink] = {}
 
     # -- workers --------------------------------------------------------------------------
     def _start_workers(self, count: int, use_standby: bool = True) -> list[_Live]:
@@ -76,7 +78,7 @@ class Controller:
                 taken, self._standby = self._standby[:count], self._standby[count:]
         ids = [f"w{next(self._ids)}" for _ in range(count - len(taken))]
         handles = [cluster.start_worker(i, self.namespace, self.model_dir, self.spec, self.slots,
-                                        self.resources) for i in ids]
+                                        self.resources, self.wire) for i in ids]
         try:
             infos = cluster.info_of(handles, timeout=self.prepare_timeout)
         except Exception:
@@ -248,7 +250,9 @@ class Controller:
         if failure is None:
             try:
                 for j in joining:
-                    self._links[j.info.worker_id] = WorkerLink(j.info.worker_id, j.info.data_address)
+                    # a worker on the engine's node gets a shared-memory ring, others TCP
+                    self._links[j.info.worker_id] = open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
+                                                              j.info.node_id == cluster.this_node())
             except Exception as exc:
                 failure = RuntimeError(f"cannot open the data plane to a new worker: {exc}")
         if failure is not None:
