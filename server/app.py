@@ -19,6 +19,7 @@ from experts.model.decoder import KVCache, MoEModel
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import load_spec
 from memory.kv_blocks import KVBlockTable
+from memory.owners import claim_namespace, disown_namespace, sweep_orphans
 from memory.segments import unlink_namespace
 from experts.wire.config import LOOPBACK, WireConfig
 from server.control import cluster
@@ -26,6 +27,7 @@ from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.control.controller import Controller
+from server.control.failover import Failover
 from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
 from server.engine.request import EngineObserver, Request
@@ -83,6 +85,29 @@ class ServingStats(EngineObserver):
             self.metrics.kv_cache_usage(kv_usage)
 
 
+class _FailoverMetrics:
+    """What the failover reports, into Prometheus (server/control/failover.py's observer)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def worker_lost(self, worker_id: str) -> None:
+        self.metrics.worker_lost()
+
+    def failover_committed(self, seconds: float, report: ChangeReport) -> None:
+        self.metrics.failover(seconds)
+        for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied),
+                        ("disk", report.bytes_loaded)):
+            if n:
+                self.metrics.bytes_moved(path, n)
+
+    def failover_failed(self, error: str) -> None:
+        self.metrics.failover_failed()
+
+    def degraded(self, on: bool) -> None:
+        self.metrics.degraded(on)
+
+
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -97,6 +122,7 @@ class Server:
         self.engine: Engine | None = None     # shutdown() must work after a start that failed midway
         self.controller: Controller | None = None
         self.autoscaler = None
+        self.failover: Failover | None = None
         self.started_ray = False
         self.port = config.port
         self.metrics_port = config.metrics_port
@@ -119,14 +145,21 @@ class Server:
         max_len = min(c.max_model_len or spec.max_position, spec.max_position)
         self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats, c.overlap)
         self.metrics.watch_engine_phases(self.engine.profile.snapshot)
-        self.engine.on_worker_lost = self._on_worker_lost
         self.engine.start()
         self.controller = Controller(
             spec, os.path.abspath(c.model), self.namespace, self._commit,
             cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
-            c.prepare_timeout_s, self._expert_load, c.replicate_hot,
+            c.prepare_timeout_s, self._expert_load, c.replicate_hot, worker_timeout=c.worker_timeout_s,
             # workers listen on loopback unless the server joins a cluster that spans nodes
             wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
+        self.failover = Failover(self.controller, _FailoverMetrics(self.metrics), stopping=self._stopping)
+        self.engine.on_worker_lost = self.failover.lost
+        # segments of servers killed without cleaning up (SIGKILL) go before ours are made; then
+        # this server's own claim on the namespace (memory/owners.py)
+        swept = sweep_orphans()
+        if swept:
+            log.warning("removed segments of servers that are gone: %s", swept)
+        claim_namespace(self.namespace)
         # ports first: a port already taken fails the start before Ray or any worker is started;
         # health answers NOT_SERVING until the experts are in place (requests meanwhile wait)
         self._start_grpc()
@@ -143,23 +176,6 @@ class Server:
         if c.autoscale:
             self._start_autoscaler(c.autoscale)
         self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
-
-    def _on_worker_lost(self, worker_id: str) -> None:
-        threading.Thread(target=self._replace_worker, args=(worker_id,), name="replace-worker", daemon=True).start()
-
-    def _replace_worker(self, worker_id: str) -> None:
-        try:
-            report = self.controller.replace_lost(worker_id)
-        except Exception:
-            log.exception("could not replace lost worker %s; requests fail after the recovery timeout", worker_id)
-            self.metrics.scale_event("rebalance", "aborted")
-            return
-        if report is not None:
-            self.metrics.scale_event("rebalance", "committed", report.seconds)
-            for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied),
-                            ("disk", report.bytes_loaded)):
-                if n:
-                    self.metrics.bytes_moved(path, n)
 
     def _commit(self, backend) -> None:
         self.engine.commit(backend, backend.routing.version)
@@ -233,6 +249,7 @@ class Server:
         if self.controller is not None:
             self.controller.shutdown()
         unlink_namespace(self.namespace)
+        disown_namespace(self.namespace)
         self.metrics.stop()
         if self.started_ray:
             import ray

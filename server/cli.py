@@ -18,7 +18,8 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
-        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap)
+        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
+        worker_timeout_s=args.worker_timeout)
     server = Server(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-gpus", type=float, default=0.0)
     s.add_argument("--slots-per-worker", type=int, default=0)
     s.add_argument("--replicate-hot", action="store_true")
+    s.add_argument("--worker-timeout", type=float, default=5.0,
+                   help="seconds a worker may take to answer one exchange before it counts as lost")
     s.add_argument("--overlap", action="store_true",
                    help="split each step in two micro-batches: attention of one runs while workers run the other's experts")
     s.set_defaults(func=_serve)

@@ -222,6 +222,22 @@ class ServerMetrics:
             registry=r,
         )
 
+        # failover (server/control/failover.py): losses, the time to serve without the lost worker,
+        # failed attempts (retried with backoff), and whether the server runs degraded right now
+        self._worker_losses = Counter(
+            "elasticmoe_worker_losses", "Expert workers lost while serving (died, or missed the exchange deadline).",
+            registry=r)
+        self._failover = Histogram(
+            "elasticmoe_failover_seconds",
+            "Seconds from a worker's loss to the commit of a topology without it (the engine stalls meanwhile).",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0), registry=r)
+        self._failover_failures = Counter(
+            "elasticmoe_failover_failures", "Failed attempts to take a lost worker out or restore the "
+            "worker count (each is retried with backoff).", registry=r)
+        self._degraded = Gauge(
+            "elasticmoe_degraded", "1 while a lost worker is not yet replaced (or a failover attempt "
+            "failed), else 0.", registry=r)
+
         # Children that exist from the start export 0, so rate() and dashboards see every known
         # label value before the first event instead of a series that appears out of nowhere.
         for status in REQUEST_STATUSES:
@@ -292,6 +308,19 @@ class ServerMetrics:
         self._scale_events.labels(direction=direction, outcome=outcome).inc()
         if duration_s is not None:
             self._scale_duration.labels(direction=direction).observe(duration_s)
+
+    def worker_lost(self) -> None:
+        self._worker_losses.inc()
+
+    def failover(self, seconds: float) -> None:
+        _check_seconds("seconds", seconds)
+        self._failover.observe(seconds)
+
+    def failover_failed(self) -> None:
+        self._failover_failures.inc()
+
+    def degraded(self, on: bool) -> None:
+        self._degraded.set(1 if on else 0)
 
     def bytes_moved(self, path: str, nbytes: int) -> None:
         _check_label("path", path, MOVE_PATHS)

@@ -22,6 +22,7 @@ from experts.wire.messages import ExchangeBounds
 from experts.kernels.ffn import run_grouped
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
+from memory.owners import claim_namespace
 from memory.segments import ExpertSegment, ExpertShape, segment_name
 from memory.slots import SlotPool
 from experts.wire.transfer import TransferClient, TransferServer
@@ -72,6 +73,7 @@ class ExpertWorker:
         self.node_id = node_id or _ray_node_id()
         self.host = host
         self._by_name: dict[str, ExpertSegment] = {}
+        claim_namespace(namespace)   # before any segment exists: a sweep never takes a live one's
         self._checkpoint: Checkpoint | None = None
         self._tokens = 0
         self._fail_after: int | None = None   # failpoint: see inject_fault
@@ -208,10 +210,15 @@ class ExpertWorker:
                 "slots": self.pool.snapshot()}
 
     def stop(self) -> None:
+        """Stop serving and remove every segment name this worker still holds on its node: the
+        controller stops a worker only once no other worker needs those names (after `release`
+        on a scale-down, or at shutdown), and /dev/shm of a node without the server is cleaned
+        by nobody else."""
         self.data.stop()
         self.transfer.stop()
         for seg in list(self._by_name.values()):
             seg.close()
+            seg.unlink()
         self._by_name.clear()
 
 

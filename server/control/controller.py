@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import ray
 
@@ -28,6 +28,8 @@ from experts.worker.actor import Incoming, ReceiveResult, WorkerInfo
 from server.control import cluster
 from server.control.cluster import WorkerResources
 from server.engine.exchange import RemoteExperts, Routing
+from server.control.failover import reroute, sources_without
+from server.control.sweeper import Sweepers
 from server.control.topology import ChangeReport, ScaleRejected, Topology
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class Controller:
                  resources: WorkerResources = WorkerResources(), slots_per_worker: int = 0,
                  standby: int = 0, prepare_timeout: float = 300.0,
                  expert_load: Callable[[], list[list[float]] | None] = lambda: None,
-                 replicate_hot: bool = False, wire: WireConfig | None = None) -> None:
+                 replicate_hot: bool = False, worker_timeout: float = 60.0, wire: WireConfig | None = None) -> None:
         self.spec = spec
         self.model_dir = model_dir
         self.namespace = namespace
@@ -59,7 +61,11 @@ class Controller:
         self.prepare_timeout = prepare_timeout
         self.expert_load = expert_load
         self.replicate_hot = replicate_hot
+        self.worker_timeout = worker_timeout   # per exchange: a worker silent this long is lost
         self.wire = wire or WireConfig.generate()   # the per-server secret, handed to each worker it starts
+        self.target_workers = 0                # the count the operator asked for last (a loss restores it)
+        self.sweepers = Sweepers(namespace)
+        self._swept_nodes: set[str] = set()
         self.topology: Topology | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -130,7 +136,9 @@ class Controller:
             if missing:
                 raise ScaleRejected(missing)
             on_phase("planned")
-            return self._change(num_workers, on_phase)
+            report = self._change(num_workers, on_phase)
+            self.target_workers = num_workers
+            return report
         finally:
             self._lock.release()
 
@@ -152,21 +160,28 @@ class Controller:
         return list(self.topology.placement.workers[:0:-1]) if self.topology else []
 
     def _change(self, num_workers: int, on_phase: Callable[[str], None] = _no_phase,
-                load: list[list[float]] | None = None) -> ChangeReport:
+                load: list[list[float]] | None = None, lost: frozenset[str] = frozenset()) -> ChangeReport:
         on_phase("preparing")
         t0 = time.perf_counter()
         old = self.topology
-        current_ids = list(old.workers) if old else []
+        # a lost worker is no receiver and no peer source, but its segments can still be remapped
+        current_ids = [w for w in old.workers if w not in lost] if old else []
         direction = "up" if num_workers > len(current_ids) else "down" if num_workers < len(current_ids) else "rebalance"
         parts: dict[str, float] = {}
         joining = self._start_workers(max(0, num_workers - len(current_ids)))
         parts["start"] = time.perf_counter() - t0
         target = current_ids[:num_workers] + [j.info.worker_id for j in joining]
-        infos = {w: self._live[w].info for w in current_ids} | {j.info.worker_id: j.info for j in joining}
+        infos = (dict(old.workers) if old else {}) | {j.info.worker_id: j.info for j in joining}
+        self._sweep_new_nodes({i.node_id for i in infos.values()})
         t1 = time.perf_counter()
-        plan = plan_placement(old.placement if old else None, target, {w: i.node_id for w, i in infos.items()},
-                              len(self.spec.moe_layers), self.spec.num_experts, self.slots,
-                              load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot)
+        nodes = {w: i.node_id for w, i in infos.items()}
+        plan = reroute(old.placement, lost) if lost and not joining else None
+        if plan is None:
+            plan = plan_placement(old.placement if old else None, target, nodes,
+                                  len(self.spec.moe_layers), self.spec.num_experts, self.slots,
+                                  load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot)
+            if lost:
+                plan = sources_without(plan, old.placement, lost, nodes)
         parts["plan"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         handles = {w: self._live[w].handle for w in current_ids} | {j.info.worker_id: j.handle for j in joining}
@@ -187,45 +202,120 @@ class Controller:
         parts["commit"] = time.perf_counter() - t3
         t4 = time.perf_counter()
         on_phase("releasing")
-        self._release(plan, segments, new, [w for w in current_ids if w not in target])
+        warnings = []
+        try:   # committed: whatever fails from here on is a warning, never an abort
+            self._release(plan, segments, new, [w for w in current_ids if w not in target])
+        except Exception as exc:
+            warnings.append(f"release after commit of v{new.version} failed: {exc}")
+            log.warning("topology v%d committed; %s", new.version, warnings[-1])
+        if lost:
+            self._reclaim_lost(old, new, lost)
         parts["release"] = time.perf_counter() - t4
         report = ChangeReport(direction, new, time.perf_counter() - t0, parts,
                               sum(r.bytes_remapped for r in results), sum(r.bytes_copied for r in results),
-                              sum(r.bytes_loaded for r in results), self._count_moves(plan))
+                              sum(r.bytes_loaded for r in results), self._count_moves(plan), warnings)
         log.info("topology v%d committed: %s to %d workers in %.2fs (%s); remapped %d B, copied %d B, loaded %d B",
                  new.version, direction, num_workers, report.seconds,
                  ", ".join(f"{k} {v:.3f}s" for k, v in parts.items()), report.bytes_remapped,
                  report.bytes_copied, report.bytes_loaded)
         return report
 
-    def replace_lost(self, dead: str, timeout: float = 60.0) -> ChangeReport | None:
-        """A worker died while serving: start a replacement and place the dead worker's experts
-        again, from surviving replicas or, where it held the only copy, from the checkpoint."""
+    def replace_lost(self, dead: Collection[str], timeout: float = 60.0) -> ChangeReport | None:
+        """Workers died while serving: an ordinary change (new version) without them. It starts no
+        process, so the engine's stall is short: their experts are rerouted to live replicas, or
+        remapped from the segments they left on their node into survivors or warm standby workers,
+        copied from a live copy elsewhere, and read from the checkpoint only where no copy is left.
+        Returns None when none of `dead` serves any more. `restore` brings the count back after."""
         if not self._lock.acquire(timeout=timeout):
-            raise ScaleRejected(f"worker {dead} lost, but a change of topology did not finish in {timeout}s")
+            raise ScaleRejected(f"workers {sorted(dead)} lost, but a change of topology did not finish in {timeout}s")
         try:
             old = self.topology
-            if old is None or dead not in old.workers:
-                return None   # already replaced
-            live = self._live.pop(dead, None)
-            link = self._links.pop(dead, None)
-            if link:
-                link.close()
-            if live is not None:
-                try:
-                    ray.kill(live.handle)
-                except Exception:
-                    pass
-            keep = [i for i, w in enumerate(old.placement.workers) if w != dead]
-            reduced = Placement(tuple(old.placement.workers[i] for i in keep),
-                                tuple(old.placement.experts[i] for i in keep))
-            self.topology = Topology(old.version, reduced, {w: i for w, i in old.workers.items() if w != dead},
-                                     {k: v for k, v in old.segments.items() if k[0] != dead})
-            log.warning("worker %s lost: replacing it (topology v%d had %d workers)", dead, old.version,
-                        len(old.workers))
-            return self._change(len(old.workers))
+            lost = frozenset(w for w in dead if old is not None and w in old.workers)
+            if not lost:
+                return None
+            for w in lost:
+                self._forget(w)
+            survivors = len(old.workers) - len(lost)
+            # slots of survivors and standby workers must hold every expert, else start new workers
+            fast = min(len(lost), self.standby_count())
+            count = survivors + fast if (survivors + fast) * self.slots >= self.spec.num_experts else len(old.workers)
+            if survivors + fast == 0:
+                count = len(old.workers)
+            log.warning("workers %s lost: topology v%d without them on %d workers", sorted(lost), old.version, count)
+            return self._change(count, lost=lost)
         finally:
             self._lock.release()
+
+    def restore(self, timeout: float = 60.0) -> ChangeReport | None:
+        """After a loss: scale back to the operator's worker count (None if it is there already)."""
+        if not self._lock.acquire(timeout=timeout):
+            raise ScaleRejected(f"a change of topology did not finish in {timeout}s")
+        try:
+            if self.topology is None or len(self.topology.workers) >= self.target_workers:
+                return None
+            missing = self.check_capacity(self.target_workers)
+            if missing:
+                raise ScaleRejected(missing)
+            return self._change(self.target_workers)
+        finally:
+            self._lock.release()
+
+    def unresponsive(self, timeout: float = 1.0) -> list[str]:
+        """Serving workers that do not answer a control call within `timeout` seconds."""
+        topo = self.topology
+        if topo is None:
+            return []
+        refs = {w: self._live[w].handle.info.remote() for w in topo.workers if w in self._live}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        answered = set()
+        for w, ref in refs.items():
+            if ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                    answered.add(w)
+                except Exception:
+                    pass
+        return [w for w in topo.workers if w not in answered]
+
+    def _forget(self, worker: str) -> None:
+        """Drop a lost worker's link and process (SIGKILL: a hung one may never answer `stop`)."""
+        link = self._links.pop(worker, None)
+        if link:
+            link.close()
+        live = self._live.pop(worker, None)
+        if live is not None:
+            try:
+                ray.kill(live.handle)
+            except Exception:   # already gone
+                pass
+
+    def _reclaim_lost(self, old: Topology, new: Topology, lost: frozenset[str]) -> None:
+        """Remove, on each lost worker's node, its segments that the new version does not map.
+        Off the change's path: the engine already serves the new version."""
+        keep = set(new.segments.values())
+        jobs = [(old.workers[w].node_id, w) for w in lost]
+
+        def run() -> None:
+            for node, w in jobs:
+                try:
+                    self.sweepers.reclaim(node, w, keep)
+                except Exception as exc:
+                    log.error("%s", exc)
+        threading.Thread(target=run, name="reclaim", daemon=True).start()
+
+    def _sweep_new_nodes(self, nodes: set[str]) -> None:
+        """On a node first used, remove the segments of servers that are gone (memory/owners.py)."""
+        fresh = nodes - self._swept_nodes
+        self._swept_nodes |= fresh
+
+        def run() -> None:
+            for node in fresh:
+                try:
+                    self.sweepers.sweep_orphans(node)
+                except Exception as exc:
+                    log.error("sweeping node %s failed: %s", node[:12], exc)
+        if fresh:
+            threading.Thread(target=run, name="sweep", daemon=True).start()
 
     def _prepare(self, plan: Plan, old: Topology | None, infos: dict[str, WorkerInfo], handles: dict,
                  joining: list[_Live]) -> list[ReceiveResult]:
@@ -252,7 +342,8 @@ class Controller:
                 for j in joining:
                     # a worker on the engine's node gets a shared-memory ring, others TCP
                     self._links[j.info.worker_id] = open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
-                                                              j.info.node_id == cluster.this_node())
+                                                              j.info.node_id == cluster.this_node(),
+                                                              timeout=self.worker_timeout)
             except Exception as exc:
                 failure = RuntimeError(f"cannot open the data plane to a new worker: {exc}")
         if failure is not None:
@@ -327,6 +418,7 @@ class Controller:
     def shutdown(self) -> None:
         for live in list(self._live.values()) + self._standby:
             self._stop(live)
+        self.sweepers.shutdown()
         for link in self._links.values():
             link.close()
         self._live.clear()

@@ -29,3 +29,4 @@ class ChangeReport:
     bytes_copied: int = 0
     bytes_loaded: int = 0
     moves: dict[str, int] = field(default_factory=dict)      # experts moved per path: remap, peer, disk
+    warnings: list[str] = field(default_factory=list)       # what failed after the commit (release)
