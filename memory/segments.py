@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm"   # the default; `shm_dir()` is where this process's segments live
+SHM_DIR_ENV = "ELASTICMOE_SHM_DIR"
 PAGE = mmap.PAGESIZE
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -100,10 +101,16 @@ def _namespace_prefix(namespace: str) -> str:
     return f"emoe-{namespace}-"
 
 
+def shm_dir() -> str:
+    """$ELASTICMOE_SHM_DIR, else /dev/shm. Read at every call, not at import: a worker inherits it
+    from its raylet's environment, so each node (e.g. each raylet of a test cluster) can have its own."""
+    return os.environ.get(SHM_DIR_ENV) or SHM_DIR
+
+
 def _path(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"segment name must match {_NAME_RE.pattern}, got {name!r}")
-    return os.path.join(SHM_DIR, name)
+    return os.path.join(shm_dir(), name)
 
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:
@@ -136,7 +143,7 @@ class ExpertSegment:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except FileExistsError:
             raise FileExistsError(
-                f"expert segment {name!r} already exists in {SHM_DIR}: a live server's, or a "
+                f"expert segment {name!r} already exists in {shm_dir()}: a live server's, or a "
                 f"leftover of a crashed one (unlink_namespace removes those)"
             ) from None
         try:
@@ -146,7 +153,7 @@ class ExpertSegment:
                 os.posix_fallocate(fd, 0, shape.nbytes)
             except OSError as e:
                 raise OSError(e.errno, f"cannot allocate {shape.nbytes} bytes for expert segment "
-                              f"{name!r} in {SHM_DIR} ({os.strerror(e.errno)}): enlarge it, e.g. "
+                              f"{name!r} in {shm_dir()} ({os.strerror(e.errno)}): enlarge it, e.g. "
                               f"docker --shm-size") from e
             raw = _map(fd, shape.nbytes)
         except BaseException:
@@ -164,7 +171,7 @@ class ExpertSegment:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"expert segment {name!r} not found in {SHM_DIR}: never created on this node, "
+                f"expert segment {name!r} not found in {shm_dir()}: never created on this node, "
                 f"or already unlinked"
             ) from None
         try:
@@ -237,10 +244,11 @@ def unlink_namespace(namespace: str) -> int:
         raise ValueError(f"namespace must match {_NAMESPACE_RE.pattern}, got {namespace!r}")
     prefix = _namespace_prefix(namespace)
     removed = 0
-    for entry in os.listdir(SHM_DIR):
+    directory = shm_dir()
+    for entry in os.listdir(directory):
         if entry.startswith(prefix):
             try:
-                os.unlink(os.path.join(SHM_DIR, entry))
+                os.unlink(os.path.join(directory, entry))
                 removed += 1
             except FileNotFoundError:  # another process's cleanup got there first
                 pass

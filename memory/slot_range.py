@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from memory.segments import SHM_DIR, ExpertShape
+from memory.segments import ExpertShape, shm_dir
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -132,8 +132,8 @@ class HostSlotRange:
         return self._base + slot * self.stride13, self._base + self._slots * self.stride13 + slot * self.stride2
 
     def map(self, slot: int, segment: str) -> None:
-        """Map segment file `segment` (a name in /dev/shm) over `slot`, replacing what was there."""
-        path = os.path.join(SHM_DIR, segment)
+        """Map segment file `segment` (a name in `shm_dir()`) over `slot`, replacing what was there."""
+        path = os.path.join(shm_dir(), segment)
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
