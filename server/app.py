@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from typing import Callable
 
 import grpc
 import torch
@@ -27,6 +28,9 @@ from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.control.controller import Controller
+from server.control.operations import Operation, OperationRegistry, OperationRunner, PhaseReport
+from server.control.rebalance import ExpertLoadWindow, Rebalancer, plan_rebalance
+from experts.placement.balance import RebalanceRule
 from server.control.failover import Failover
 from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
@@ -48,6 +52,7 @@ class ServingStats(EngineObserver):
         self.itl = LatencyWindow(window_s)
         self.tokens = RateWindow(window_s)
         self._last_gauges = 0.0
+        self.load_window: ExpertLoadWindow | None = None   # the rebalancer's; set by the server
 
     def set_window(self, window_s: float) -> None:
         """Measure the rolling windows over `window_s` from now on (the autoscaler's policy sets
@@ -70,6 +75,8 @@ class ServingStats(EngineObserver):
 
     def on_expert_tokens(self, layer: int, counts) -> None:
         self.metrics.expert_tokens(layer, counts)
+        if self.load_window is not None:
+            self.load_window.add(layer, counts)
 
     def on_refused(self, status: str) -> None:
         self.metrics.request_finished(status)
@@ -117,6 +124,10 @@ class Server:
         self.namespace = uuid.uuid4().hex[:8]
         self.metrics = ServerMetrics()
         self.stats = ServingStats(self.metrics)
+        self.stats.load_window = ExpertLoadWindow(self.spec.moe_layers, self.spec.num_experts,
+                                                  config.rebalance_window_s)
+        self.operations = OperationRunner(OperationRegistry())
+        self.rebalancer: Rebalancer | None = None
         self._stopping = threading.Event()
         self.grpc_server: grpc.Server | None = None
         self.engine: Engine | None = None     # shutdown() must work after a start that failed midway
@@ -175,6 +186,7 @@ class Server:
             self.controller.fill_standby()
         if c.autoscale:
             self._start_autoscaler(c.autoscale)
+        self._start_rebalancer()
         self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
 
     def _commit(self, backend) -> None:
@@ -187,24 +199,66 @@ class Server:
         return load.astype(float).tolist() if load.sum() > 0 else None
 
     def scale(self, num_workers: int) -> ChangeReport:
-        """Change the worker count live; metrics record the outcome either way."""
+        """Change the worker count live and wait for the commit; metrics record the outcome either way."""
+        return self.scale_operation(num_workers).report
+
+    def scale_operation(self, num_workers: int, operation_id: str = "", no_wait: bool = False) -> Operation:
+        """The same change as an operation (server/control/operations.py): a retry with the same
+        id joins it; `no_wait` returns once it is planned."""
+        return self.operations.run("scale", num_workers, lambda on_phase: self._scale(num_workers, on_phase),
+                                   operation_id, wait=not no_wait)
+
+    def rebalance(self, operation_id: str = "", no_wait: bool = False,
+                  load: list[list[float]] | None = None) -> Operation:
+        """Re-place experts by the load of the rebalance window (or `load`) on the same workers."""
+        assert self.controller is not None
+        topo = self.controller.topology
+        return self.operations.run(
+            "rebalance", len(topo.workers) if topo else 0,
+            lambda on_phase: self._recorded("rebalance", True, lambda: self.controller.rebalance(
+                load if load is not None else self._window_load(), on_phase)),
+            operation_id, wait=not no_wait)
+
+    def _window_load(self) -> list[list[float]]:
+        """[L][E] tokens of the rebalance window; since start when the window is empty; else even."""
+        window = self.stats.load_window.load()
+        if window.sum() > 0:
+            return window.astype(float).tolist()
+        return self._expert_load() or [[1.0] * self.spec.num_experts for _ in self.spec.moe_layers]
+
+    def _scale(self, num_workers: int, on_phase: PhaseReport) -> ChangeReport:
         assert self.controller is not None
         before = len(self.controller.topology.workers) if self.controller.topology else 0
         direction = "up" if num_workers > before else "down" if num_workers < before else "rebalance"
+        # the initial placement at start-up is not a scale event
+        return self._recorded(direction, before > 0, lambda: self.controller.scale(num_workers, on_phase))
+
+    def _recorded(self, direction: str, event: bool, change: Callable[[], ChangeReport]) -> ChangeReport:
         try:
-            report = self.controller.scale(num_workers)
+            report = change()
         except Exception as exc:
-            if before and not isinstance(exc, (ScaleRejected, ValueError)):
+            if event and not isinstance(exc, (ScaleRejected, ValueError)):
                 self.metrics.scale_event(direction, "aborted")
             raise
-        if before:  # the initial placement at start-up is not a scale event
+        if event:
             self.metrics.scale_event(report.direction, "committed", report.seconds)
         for path, n in (("remap", report.bytes_remapped), ("peer", report.bytes_copied), ("disk", report.bytes_loaded)):
             if n:
                 self.metrics.bytes_moved(path, n)
-        if self.config.standby and before:
+        if self.config.standby and event:
             threading.Thread(target=self._refill_standby, name="standby", daemon=True).start()
         return report
+
+    def _start_rebalancer(self) -> None:
+        c, ctl = self.config, self.controller
+        # the hysteresis band: 0.1 of imbalance, narrower for a threshold closer to 1
+        band = min(0.1, (c.rebalance_threshold - 1) / 2) if c.rebalance_threshold else 0.1
+        rule = RebalanceRule(c.rebalance_threshold, band, c.rebalance_interval_s)
+        self.rebalancer = Rebalancer(
+            self.stats.load_window, rule, lambda: ctl.topology,
+            lambda load: plan_rebalance(ctl.topology, load, ctl.slots, ctl.replicate_hot),
+            lambda load: self.rebalance(load=load).report, self.metrics.expert_load_imbalance)
+        self.rebalancer.start()
 
     def _refill_standby(self) -> None:
         """Start standby workers again, a while after a change: a process start takes a core for
@@ -217,7 +271,7 @@ class Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_running + c.max_waiting + 16),
                              options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine, self.tokenizer, self.stats), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.controller, self.scale), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.controller, self, self.operations.registry), server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -241,6 +295,8 @@ class Server:
         self._stopping.set()
         if self.autoscaler is not None:
             self.autoscaler.stop()
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         if self.grpc_server is not None:
             self.health.enter_graceful_shutdown()
             self.grpc_server.stop(grace=2).wait()

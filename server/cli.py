@@ -1,4 +1,4 @@
-"""The `elasticmoe` command: serve, demo-model, generate, scale, topology, bench."""
+"""The `elasticmoe` command: serve, demo-model, generate, scale, rebalance, operations, topology, bench."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.config import ServerConfig
 
     config = ServerConfig(
+        rebalance_window_s=args.rebalance_window, rebalance_threshold=args.rebalance_threshold,
+        rebalance_interval_s=args.rebalance_interval,
         model=args.model, workers=args.workers, host=args.host, port=args.port, metrics_port=args.metrics_port,
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, autoscale=args.autoscale, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
@@ -93,8 +95,17 @@ def _admin(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
-            if args.cmd == "scale":
-                r = stub.Scale(pb.ScaleRequest(num_workers=args.num_workers), timeout=args.timeout)
+            if args.cmd in ("scale", "rebalance"):
+                if args.cmd == "scale":
+                    r = stub.Scale(pb.ScaleRequest(num_workers=args.num_workers, operation_id=args.operation_id,
+                                                   no_wait=args.no_wait), timeout=args.timeout)
+                else:
+                    r = stub.Rebalance(pb.RebalanceRequest(operation_id=args.operation_id, no_wait=args.no_wait),
+                                       timeout=args.timeout)
+                if args.no_wait:   # the id alone on stdout, for scripts
+                    print(r.operation_id)
+                    print(f"planned; follow it with: elasticmoe operations --watch {r.operation_id}", file=sys.stderr)
+                    return 0
                 phases = ", ".join(f"{k} {v:.3f}s" for k, v in r.phase_seconds.items())
                 print(f"committed in {r.duration_seconds:.3f}s ({phases}): {r.experts_moved} experts moved; "
                       f"remapped {r.bytes_remapped} B, copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
@@ -105,6 +116,42 @@ def _admin(args: argparse.Namespace) -> int:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _operation_line(op) -> str:
+    from server.api import elasticmoe_pb2 as pb
+
+    phases = ", ".join(f"{pb.OperationPhase.Name(p.phase).removeprefix('OPERATION_PHASE_').lower()} {p.seconds:.3f}s"
+                       for p in op.phases)
+    now = pb.OperationPhase.Name(op.phase).removeprefix("OPERATION_PHASE_").lower()
+    line = f"{op.operation_id}  {op.kind} to {op.target_workers} workers  {now}  ({phases})"
+    if op.phase == pb.OPERATION_PHASE_DONE:
+        r = op.result
+        line += (f"  v{r.topology.version}: {r.experts_moved} experts moved; remapped {r.bytes_remapped} B, "
+                 f"copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
+    return line + (f"  error: {op.error}" if op.error else "")
+
+
+def _operations(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server.api import elasticmoe_pb2 as pb
+    from server.api import elasticmoe_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            if not args.watch:
+                for op in stub.ListOperations(pb.ListOperationsRequest(), timeout=args.timeout).operations:
+                    print(_operation_line(op))
+                return 0
+            last = None
+            for last in stub.WatchOperations(pb.WatchOperationsRequest(operation_id=args.watch), timeout=args.timeout):
+                print(_operation_line(last), flush=True)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0 if last is not None and last.phase == pb.OPERATION_PHASE_DONE else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -140,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-gpus", type=float, default=0.0)
     s.add_argument("--slots-per-worker", type=int, default=0)
     s.add_argument("--replicate-hot", action="store_true")
+    s.add_argument("--rebalance-window", type=float, default=30.0,
+                   help="seconds of expert load the imbalance and rebalances look at")
+    s.add_argument("--rebalance-threshold", type=float, default=0.0,
+                   help="rebalance by itself once max/mean tokens per worker reaches this (e.g. 1.5); 0 = by hand only")
+    s.add_argument("--rebalance-interval", type=float, default=60.0,
+                   help="at least this many seconds between two automatic rebalances")
     s.add_argument("--worker-timeout", type=float, default=5.0,
                    help="seconds a worker may take to answer one exchange before it counts as lost")
     s.add_argument("--overlap", action="store_true",
@@ -175,13 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     for name, helptext in (("scale", "change the number of expert workers, live"),
+                           ("rebalance", "re-place experts by the recent expert load, live (same workers)"),
                            ("topology", "print workers, nodes and their experts")):
         a = sub.add_parser(name, help=helptext)
         if name == "scale":
             a.add_argument("num_workers", type=int)
+        if name in ("scale", "rebalance"):
+            a.add_argument("--operation-id", default="", help="name the change: a retry with the same id is the same change")
+            a.add_argument("--no-wait", action="store_true", help="return once planned; print the operation id")
         a.add_argument("--address", default="127.0.0.1:50051")
         a.add_argument("--timeout", type=float, default=600.0)
         a.set_defaults(func=_admin)
+
+    o = sub.add_parser("operations", help="list recent changes of topology, or follow one")
+    o.add_argument("--watch", default="", metavar="ID", help="follow this operation until it is done or aborted")
+    o.add_argument("--address", default="127.0.0.1:50051")
+    o.add_argument("--timeout", type=float, default=600.0)
+    o.set_defaults(func=_operations)
 
     b = sub.add_parser("bench", help="benchmarks: decode, scaling")
     b.add_argument("which", choices=["decode", "scaling"])

@@ -5,13 +5,15 @@ import logging
 import queue
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import grpc
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
+from server.api.operations_proto import operation_to_proto, scale_response
 from server.control.controller import Controller
+from server.control.operations import Operation, OperationRegistry
 from server.control.topology import ScaleRejected, Topology
 from server.engine.loop import Engine
 from server.engine.request import Output, Request
@@ -109,30 +111,89 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             yield msg
 
 
-class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, controller: Controller, on_scale=None) -> None:
-        self.controller = controller
-        self.on_scale = on_scale
+class Changes(Protocol):
+    """What Admin asks of the server to change the topology (server/app.py's `Server`)."""
 
-    def _topology(self) -> pb.Topology:
+    def scale_operation(self, num_workers: int, operation_id: str = "", no_wait: bool = False) -> Operation: ...
+    def rebalance(self, operation_id: str = "", no_wait: bool = False) -> Operation: ...
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, controller: Controller, changes: Changes, operations: OperationRegistry) -> None:
+        self.controller = controller
+        self.changes = changes
+        self.operations = operations
+
+    def _topology(self, topo: Topology | None = None) -> pb.Topology:
+        """`topo`, or the committed topology, with the workers a scale-down of it removes."""
         c = self.controller
-        return topology_to_proto(c.topology, c.spec.moe_layers, c.spec.num_experts)
+        topo = topo or c.topology
+        msg = topology_to_proto(topo, c.spec.moe_layers, c.spec.num_experts)
+        msg.removable_workers.extend(c.removable(topo))
+        return msg
 
     def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.Topology:
         return self._topology()
 
-    def Scale(self, request: pb.ScaleRequest, context: grpc.ServicerContext) -> pb.ScaleResponse:
-        t0 = time.perf_counter()
+    def _change(self, what: str, start: Callable[[], Operation], context: grpc.ServicerContext) -> pb.ScaleResponse:
         try:
-            report = self.on_scale(request.num_workers)
+            op = start()
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_workers: {exc}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ScaleRejected as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:  # the change aborted; the old topology serves on
-            log.exception("scale to %d workers failed", request.num_workers)
+            log.exception("%s failed", what)
             context.abort(grpc.StatusCode.ABORTED, f"change aborted, topology unchanged: {exc}")
-        return pb.ScaleResponse(topology=self._topology(), duration_seconds=time.perf_counter() - t0,
-                                bytes_copied=report.bytes_copied, bytes_remapped=report.bytes_remapped,
-                                bytes_loaded=report.bytes_loaded, phase_seconds=report.parts,
-                                experts_moved=sum(report.moves.values()))
+        return scale_response(op, self._topology)
+
+    def Scale(self, request: pb.ScaleRequest, context: grpc.ServicerContext) -> pb.ScaleResponse:
+        return self._change(f"scale to {request.num_workers} workers", lambda: self.changes.scale_operation(
+            request.num_workers, request.operation_id, request.no_wait), context)
+
+    def Rebalance(self, request: pb.RebalanceRequest, context: grpc.ServicerContext) -> pb.ScaleResponse:
+        return self._change("rebalance", lambda: self.changes.rebalance(request.operation_id, request.no_wait),
+                            context)
+
+    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+        op = self.operations.get(request.operation_id)
+        if op is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"operation_id {request.operation_id!r}: no such operation "
+                                                     f"(unknown, or older than the last {self.operations.history})")
+        return operation_to_proto(op, self._topology)
+
+    def ListOperations(self, request: pb.ListOperationsRequest,
+                       context: grpc.ServicerContext) -> pb.ListOperationsResponse:
+        return pb.ListOperationsResponse(operations=[operation_to_proto(op, self._topology)
+                                                     for op in self.operations.recent()])
+
+    def WatchOperations(self, request: pb.WatchOperationsRequest,
+                        context: grpc.ServicerContext) -> Iterator[pb.Operation]:
+        """One operation: its state now, then each phase, until final. None named: every update
+        from now on (running operations first), until the client cancels."""
+        reg, op_id = self.operations, request.operation_id
+        if op_id:
+            op = reg.get(op_id)
+            if op is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"operation_id {op_id!r}: no such operation")
+            seen = -1
+            while context.is_active():
+                op = reg.get(op_id)
+                if op is None:   # dropped from the history while we watched (a very long watch)
+                    return
+                if op.seq != seen:
+                    seen = op.seq
+                    yield operation_to_proto(op, self._topology)
+                if op.final:
+                    return
+                # wake at least once a second to notice a client that went away
+                reg.wait(op_id, lambda o: o.seq != seen, timeout=1.0)
+            return
+        after = reg.seq
+        for op in reg.recent():
+            if not op.final:
+                yield operation_to_proto(op, self._topology)
+        while context.is_active():
+            ops, after = reg.updates(after, timeout=1.0)
+            for op in ops:
+                yield operation_to_proto(op, self._topology)

@@ -155,9 +155,11 @@ class Controller:
         finally:
             self._lock.release()
 
-    def removable(self) -> list[str]:
-        """Workers a scale-down removes, in its order: a scale to n keeps the first n."""
-        return list(self.topology.placement.workers[:0:-1]) if self.topology else []
+    def removable(self, topology: Topology | None = None) -> list[str]:
+        """Workers a scale-down of `topology` (default: the committed one) removes, in its order:
+        a scale to n keeps the first n (`_change`)."""
+        topo = topology or self.topology
+        return list(topo.placement.workers[:0:-1]) if topo else []
 
     def _change(self, num_workers: int, on_phase: Callable[[str], None] = _no_phase,
                 load: list[list[float]] | None = None, lost: frozenset[str] = frozenset()) -> ChangeReport:
