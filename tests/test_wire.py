@@ -33,7 +33,8 @@ def expert_weights(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def reference(layer, x, ids, counts, weights) -> torch.Tensor:
-    return run_grouped(layer, x, ids, counts, weights, expert_weights)
+    """run_grouped over the self-naming weights, in x's dtype (float32 or bfloat16)."""
+    return run_grouped(layer, x, ids, counts, weights, lambda l, e: tuple(t.to(x.dtype) for t in expert_weights(l, e)))
 
 
 def pairs(seed: int, m: int, experts: list[int]) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import socket
 import stat
 import time
@@ -94,10 +95,11 @@ class _Mapped:
 
 
 def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the lifeline's other end closed, without waiting (select, not a timed recv: a socket
+    with a timeout would wait that long on an empty buffer)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
 
@@ -119,6 +121,7 @@ def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute, 
         conn.sendall(_SETUP.pack(len(encoded), layout.depth, layout.req_slot, layout.rep_slot, layout.total) + encoded)
         if recv_bytes(conn, 1, time.monotonic() + io_timeout) != b"\x01":
             raise FrameError("the engine did not acknowledge the ring")
+        conn.settimeout(None)
     finally:
         os.unlink(path)   # mapped by both (or failed): the name has done its job
     try:

@@ -1,0 +1,163 @@
+"""The same-node exchange through a shared-memory ring: the same bytes as TCP, a file only the two
+proven processes hold, a dead worker noticed through the lifeline, and chosen by node."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
+from experts.wire.dataplane import DataPlaneServer, open_link
+from experts.wire.messages import WorkerLost
+from experts.wire.ring import SHM_DIR, RingLink
+from tests.test_wire import (BOUNDS, LOOPBACK, SPAWN, exchange, pairs, reference, serve_child,  # noqa: F401
+                             worker_process)
+
+
+def _ring_files(prefix: str) -> list[str]:
+    return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+
+
+def test_ring_equals_tcp_and_run_grouped_across_processes(worker_process):
+    address, secret = worker_process
+    ring = open_link("w1", address, secret, same_node=True)
+    tcp = open_link("w1", address, secret, same_node=False)
+    assert (ring.kind, tcp.kind) == ("ring", "tcp")
+    try:
+        for seed, (m, experts) in enumerate([(1, [3]), (9, [0, 5, 7]), (BOUNDS.max_pairs, list(range(8)))]):
+            x, ids, counts, w = pairs(seed, m, experts)
+            layer = seed % BOUNDS.num_layers
+            want = reference(layer, x, ids.tolist(), counts.tolist(), torch.from_numpy(w))
+            assert torch.equal(exchange(ring, layer, x, ids, counts, w), want), (m, experts)
+            assert torch.equal(exchange(tcp, layer, x, ids, counts, w), want), (m, experts)
+            x16 = x.bfloat16()
+            assert torch.equal(exchange(ring, layer, x16, ids, counts, w), exchange(tcp, layer, x16, ids, counts, w))
+        # two exchanges owed at once (two micro-batches of a step) fill both slots of the ring
+        a, b = pairs(20, 5, [1, 2]), pairs(21, 6, [4])
+        out_a, out_b = torch.empty(5, BOUNDS.hidden), torch.empty(6, BOUNDS.hidden)
+        ring.send(0, *a)
+        ring.send(1, *b)
+        with pytest.raises(RuntimeError, match="2 exchanges owed on layer 0, the ring holds 2"):
+            ring.send(0, *a)
+        ring.recv_into(0, out_a)
+        ring.recv_into(1, out_b)
+        assert torch.equal(out_a, reference(0, a[0], a[1].tolist(), a[2].tolist(), torch.from_numpy(a[3])))
+        assert torch.equal(out_b, reference(1, b[0], b[1].tolist(), b[2].tolist(), torch.from_numpy(b[3])))
+        for _ in range(300):   # many laps around the ring's slots stay in step
+            x, ids, counts, w = pairs(30, 4, [6])
+            exchange(ring, 1, x, ids, counts, w)
+    finally:
+        ring.close()
+        tcp.close()
+
+
+def test_ring_file_is_private_and_gone_once_mapped():
+    secret, prefix = ServerSecret.generate(), f"emoe-ringtest-{os.getpid()}-"
+    modes: list[int] = []
+
+    def compute(layer, x, ids, counts, weights):
+        return reference(layer, x, ids, counts, weights)
+
+    server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=prefix)
+    try:
+        # an unproven peer asking for a ring gets no file made and no name
+        with socket.create_connection(server.address) as sock, pytest.raises(PermissionError):
+            client_handshake(sock, ServerSecret.generate(), PURPOSE_RING, timeout=5)
+        assert _ring_files(prefix) == []
+        # the proven engine: the name it is sent is 0600 while it opens it, and unlinked after
+        original = os.open
+
+        def spying_open(path, flags, *args):
+            fd = original(path, flags, *args)
+            if os.path.basename(str(path)).startswith(prefix):
+                modes.append(os.fstat(fd).st_mode & 0o777)
+            return fd
+
+        os.open = spying_open
+        try:
+            link = RingLink("w1", server.address, secret, timeout=5)
+        finally:
+            os.open = original
+        assert modes and all(m == 0o600 for m in modes), [oct(m) for m in modes]
+        deadline = time.monotonic() + 5
+        while _ring_files(prefix) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _ring_files(prefix) == [], "the ring's name outlived its setup"
+        x, ids, counts, w = pairs(2, 3, [1])
+        assert torch.equal(exchange(link, 0, x, ids, counts, w),
+                           reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+        link.close()
+    finally:
+        server.stop()
+
+
+def test_worker_error_through_the_ring_keeps_it_in_step():
+    secret = ServerSecret.generate()
+
+    def compute(layer, x, ids, counts, weights):
+        if layer == 1:
+            raise KeyError(f"expert {ids[0]} is not held here")
+        return reference(layer, x, ids, counts, weights)
+
+    server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=f"emoe-ringtest-{os.getpid()}-err-")
+    link = RingLink("w3", server.address, secret, timeout=5)
+    try:
+        x, ids, counts, w = pairs(3, 6, [5, 6])
+        with pytest.raises(RuntimeError, match=r"worker w3 failed on layer 1: KeyError: 'expert 5 is not held here'"):
+            exchange(link, 1, x, ids, counts, w)
+        assert torch.equal(exchange(link, 0, x, ids, counts, w),
+                           reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+    finally:
+        link.close()
+        server.stop()
+
+
+def test_dead_worker_is_noticed_through_the_lifeline():
+    secret = ServerSecret.generate()
+    parent, child_end = SPAWN.Pipe()
+    child = SPAWN.Process(target=serve_child, args=(child_end, secret, f"emoe-ringtest-{os.getpid()}-dead-"))
+    child.start()
+    try:
+        assert parent.poll(60)
+        link = RingLink("w9", parent.recv(), secret, timeout=60)
+        x, ids, counts, w = pairs(1, 4, [2])
+        exchange(link, 0, x, ids, counts, w)
+        child.kill()
+        child.join(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(WorkerLost, match="lost expert worker w9: ring reply on layer 0: the worker closed its link"):
+            exchange(link, 0, x, ids, counts, w)
+        assert time.monotonic() - started < 2.0, "noticed by the timeout, not the lifeline"
+        link.close()
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def _generate_tokens(model_dir, monkeypatch, same_node: bool) -> tuple[list[list[int]], set[str], set[str]]:
+    from server.control import cluster
+    from tests.conftest import generate, running_server
+
+    if not same_node:   # the engine believes it sits on another node: every link goes over TCP
+        monkeypatch.setattr(cluster, "this_node", lambda: "another-node")
+    with running_server(model_dir, workers=2) as server:
+        links = server.controller._links
+        kinds = {link.kind for link in links.values()}
+        hosts = {info.data_address[0] for info in server.controller.topology.workers.values()} | \
+                {info.transfer_address[0] for info in server.controller.topology.workers.values()}
+        outs = [generate(server.channel, prompt_ids=[5 + i, 17, 3 * i + 1], max_tokens=8)[0] for i in range(3)]
+    monkeypatch.undo()
+    return outs, kinds, hosts
+
+
+def test_server_uses_the_ring_on_its_node_and_gets_the_tcp_tokens(tiny_models, ray_local, monkeypatch):
+    ring_tokens, ring_kinds, hosts = _generate_tokens(tiny_models["mixtral"], monkeypatch, same_node=True)
+    assert ring_kinds == {"ring"}
+    assert hosts == {"127.0.0.1"}, "workers listen beyond loopback on a one-node server"
+    tcp_tokens, tcp_kinds, _ = _generate_tokens(tiny_models["mixtral"], monkeypatch, same_node=False)
+    assert tcp_kinds == {"tcp"}
+    assert ring_tokens == tcp_tokens and all(len(t) == 8 for t in ring_tokens)
