@@ -1,11 +1,14 @@
 """Admin over gRPC: refusals that change nothing, warm standby, and the topology a user reads."""
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 
 import grpc
 import pytest
+import ray
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
@@ -66,25 +69,55 @@ def test_standby_worker_makes_scale_up_skip_the_process_start(server):
     deadline = time.monotonic() + 60
     while server.controller.standby_count() < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    standby_ids = {live.info.worker_id for live in server.controller._standby}
+    standby = {live.info.worker_id: live for live in server.controller._standby}
+    serving = set(server.controller.topology.workers)
     resp = pb_grpc.AdminStub(server.channel).Scale(pb.ScaleRequest(num_workers=2), timeout=120)
-    joined = {w.worker_id for w in resp.topology.workers}
-    assert standby_ids & joined, "the warm standby worker took the new place"
-    assert resp.phase_seconds["start"] < 0.5   # no process was started for it
+    joined = {w.worker_id for w in resp.topology.workers} - serving
+    # the one new place went to a standby worker: no worker of the new topology is a fresh one
+    assert len(joined) == 1 and joined <= set(standby), (joined, set(standby))
+    (new,) = joined
+    # and it is the same Ray actor, in the same process, that waited as standby
+    handle = server.controller._live[new].handle
+    assert handle._actor_id == standby[new].handle._actor_id
+    assert ray.get(handle.__ray_call__.remote(lambda actor: os.getpid())) == standby[new].info.pid
     assert generate(server.channel, [5, 6, 7], max_tokens=8, ignore_eos=True)[0]
-    # the pool is refilled in the background
-    deadline = time.monotonic() + 60
+    # the pool is refilled in the background, by a new worker (a process start: slow on a busy machine)
+    deadline = time.monotonic() + 240
     while server.controller.standby_count() < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.controller.standby_count() == 1
+    assert {live.info.worker_id for live in server.controller._standby}.isdisjoint(standby)
 
 
-def test_asking_rays_autoscaler_for_more_nodes_works_against_a_real_cluster(server):
-    """What the autoscaler does when a target does not fit: a real request_resources call, and the
-    controller's own check names what is missing."""
+def recorded_demand() -> list[dict[str, float]]:
+    """The bundles Ray's GCS holds as the standing request for its autoscaler (what
+    `ray.autoscaler.sdk.request_resources` recorded), read back from the GCS."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(ray._private.worker.global_worker.gcs_client)
+        return [dict(r.request.resources_bundle) for c in state.cluster_resource_constraints
+                for r in c.resource_requests for _ in range(r.count)]
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def test_asking_rays_autoscaler_for_more_nodes_records_the_demand_in_the_gcs(server):
+    """What the autoscaler does when a target does not fit: the controller's check names what is
+    missing, and request_resources leaves the demand in Ray's GCS for Ray's autoscaler, then
+    withdraws it."""
     from server.control import cluster
 
     missing = server.controller.check_capacity(64)
     assert missing and "CPU" in missing
-    cluster.request_resources(64, server.controller.resources)   # records the demand in Ray's GCS
-    cluster.request_resources(0, server.controller.resources)    # and withdraws it
+    resources = server.controller.resources
+    cluster.request_resources(64, resources)
+    bundle = {"CPU": float(resources.cpus)} | ({"GPU": float(resources.gpus)} if resources.gpus else {})
+    assert recorded_demand() == [bundle] * 64
+    cluster.request_resources(0, resources)
+    assert recorded_demand() == []
