@@ -36,6 +36,9 @@ from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
 from server.engine.request import EngineObserver, Request
 from server.api.grpc_service import AdminServicer, InferenceServicer
+from server.api.chat_template import load_chat_template
+from server.api.http_service import HttpApi, HttpFront
+from server.api.requests import encode_prompt
 from server.autoscale.windows import LatencyWindow, RateWindow
 from server.metrics import ServerMetrics
 from server.engine.scheduler import Scheduler
@@ -132,6 +135,8 @@ class Server:
         self.grpc_server: grpc.Server | None = None
         self.engine: Engine | None = None     # shutdown() must work after a start that failed midway
         self.controller: Controller | None = None
+        self.http: HttpFront | None = None
+        self.http_port = config.http_port
         self.autoscaler = None
         self.failover: Failover | None = None
         self.started_ray = False
@@ -174,6 +179,8 @@ class Server:
         # ports first: a port already taken fails the start before Ray or any worker is started;
         # health answers NOT_SERVING until the experts are in place (requests meanwhile wait)
         self._start_grpc()
+        if c.http_port >= 0:
+            self._start_http()
         if c.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
@@ -181,6 +188,8 @@ class Server:
         self.scale(c.workers)
         for name in self._health_names:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.http is not None:
+            self.http.set_serving(True)
         if c.standby:
             self._progress(f"starting {c.standby} standby workers")
             self.controller.fill_standby()
@@ -286,6 +295,15 @@ class Server:
         server.start()
         self.grpc_server = server
 
+    def _start_http(self) -> None:
+        c = self.config
+        tokenizer = self.tokenizer
+        api = HttpApi(self.engine, lambda text: encode_prompt(tokenizer, text), self.stats, c.model,
+                      load_chat_template(c.model))
+        self.http = HttpFront(api, c.host, c.http_port)
+        self.http_port = self.http.port
+        self.http.start()
+
     def _start_autoscaler(self, path: str) -> None:
         from server.autoscale.wiring import start_autoscaler
         self.autoscaler = start_autoscaler(self, path)
@@ -300,6 +318,8 @@ class Server:
         if self.grpc_server is not None:
             self.health.enter_graceful_shutdown()
             self.grpc_server.stop(grace=2).wait()
+        if self.http is not None:
+            self.http.stop()
         if self.engine is not None:
             self.engine.stop()
         if self.controller is not None:

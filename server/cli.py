@@ -15,7 +15,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         rebalance_window_s=args.rebalance_window, rebalance_threshold=args.rebalance_threshold,
         rebalance_interval_s=args.rebalance_interval,
-        model=args.model, workers=args.workers, host=args.host, port=args.port, metrics_port=args.metrics_port,
+        model=args.model, workers=args.workers, host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, autoscale=args.autoscale, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.start()
         print(f"elasticmoe serving {config.model} on {config.host}:{server.port} "
               f"with {config.workers} expert workers; metrics on :{server.metrics_port}/metrics\n"
+              + (f"  OpenAI-compatible HTTP API on http://{config.host}:{server.http_port}/v1\n" if config.http_port >= 0 else "") +
               f"  try: elasticmoe generate \"Once upon a time\" --address {config.host}:{server.port}\n"
               f"  Ctrl-C stops it.", flush=True)
         stop.wait()
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=9400, help="-1 disables the metrics endpoint")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions); -1 disables it")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     s.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
     s.add_argument("--autoscale", default=None, help="autoscaling policy YAML")

@@ -12,6 +12,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400
+    http_port: int = 8000                # OpenAI-compatible HTTP API; -1 = off, 0 = any free port
     ray_address: str | None = None
     ray_num_cpus: int | None = None       # embedded Ray only
     autoscale: str | None = None          # policy YAML
@@ -41,7 +42,8 @@ class ServerConfig:
             raise ValueError(f"--model {self.model!r} is not a directory")
         checks = {
             "workers": self.workers >= 1, "port": 0 <= self.port < 65536,
-            "metrics_port": -1 <= self.metrics_port < 65536, "kv_cache_tokens": self.kv_cache_tokens >= self.block_size,
+            "metrics_port": -1 <= self.metrics_port < 65536, "http_port": -1 <= self.http_port < 65536,
+            "kv_cache_tokens": self.kv_cache_tokens >= self.block_size,
             "block_size": self.block_size >= 1, "max_waiting": self.max_waiting >= 0,
             "max_running": self.max_running >= 1, "max_step_tokens": self.max_step_tokens >= 1,
             "standby": self.standby >= 0, "worker_cpus": self.worker_cpus >= 0, "worker_gpus": self.worker_gpus >= 0,

@@ -48,7 +48,8 @@ def running_server(model_dir: Path | str, workers: int = 2, **overrides) -> Iter
     from server.app import Server
     from server.config import ServerConfig
 
-    cfg = dict(model=str(model_dir), workers=workers, port=0, metrics_port=-1, kv_cache_tokens=4096)
+    # HTTP off unless a test asks (port 0: any free port); the default 8000 would collide across tests
+    cfg = dict(model=str(model_dir), workers=workers, port=0, metrics_port=-1, http_port=-1, kv_cache_tokens=4096)
     cfg.update(overrides)
     server = Server(ServerConfig(**cfg))
     try:

@@ -1,7 +1,10 @@
-"""server/metrics.py: the exported names, types and labels are CONTRACT.md's, and nothing else."""
+"""server/metrics.py: the exported names, types and labels are CONTRACT.md's plus the additions the
+README documents, and nothing else: checked with every verb of ServerMetrics called (so every
+lazily registered family exists) and on a real server after a request."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 import subprocess
@@ -13,7 +16,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from experts.model.profile import StepProfile
 from server.metrics import ServerMetrics
+from tests.conftest import generate, running_server
 
 # CONTRACT.md's table, as exposed: name -> (type, label names, label values initialised to 0).
 CONTRACT: dict[str, tuple[str, set[str], list[dict[str, str]]]] = {
@@ -52,6 +57,19 @@ def readme_additions() -> set[str]:
     return set(re.findall(r"`(elasticmoe_[a-z_]+)", text))
 
 
+def exported_families(text: str) -> set[str]:
+    """Names of the families in an exposition, as its TYPE lines name them (counters with
+    `_total`), without prometheus_client's standard `_created` timestamps."""
+    return {n for n in re.findall(r"^# TYPE (\S+) \S+$", text, re.MULTILINE) if not n.endswith("_created")}
+
+
+def assert_documented(text: str) -> None:
+    """The exported families are exactly CONTRACT.md's and the README's additions."""
+    exported, documented = exported_families(text), set(CONTRACT) | readme_additions()
+    assert not exported - documented, f"exported but neither in CONTRACT.md nor in the README: {sorted(exported - documented)}"
+    assert not documented - exported, f"documented but not exported: {sorted(documented - exported)}"
+
+
 def samples(metrics: ServerMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """(sample name, labels) -> value of everything `render()` exposes."""
     out = {}
@@ -63,6 +81,13 @@ def samples(metrics: ServerMetrics) -> dict[tuple[str, frozenset[tuple[str, str]
 
 def value(metrics: ServerMetrics, name: str, **labels: str) -> float:
     return samples(metrics)[(name, frozenset(labels.items()))]
+
+
+# Every public verb of ServerMetrics, called once by `exercised()`; a new verb must be added here
+# (test_exercised_calls_every_verb), so a family registered only when it is called is checked too.
+VERBS = {"request_finished", "inter_token", "tokens", "queue", "kv_cache_usage", "workers", "topology_version",
+         "scale_event", "bytes_moved", "expert_tokens", "expert_load_imbalance", "autoscaler_target",
+         "worker_lost", "failover", "failover_failed", "degraded", "watch_engine_phases"}  # fmt: skip
 
 
 def exercised() -> ServerMetrics:
@@ -78,12 +103,23 @@ def exercised() -> ServerMetrics:
     m.scale_event("up", "committed", duration_s=2.0)
     m.bytes_moved("remap", 4096)
     m.expert_tokens(0, [3, 0, 1, 4])
+    m.expert_load_imbalance(1.5)
     m.autoscaler_target(3)
     m.worker_lost()
     m.failover(0.2)
     m.failover_failed()
     m.degraded(True)
+    profile = StepProfile(enabled=True)   # the engine's own profile, as app.py wires it
+    profile.add("attention", 0.25)
+    profile.add("experts", 0.5)
+    profile.steps = 2
+    m.watch_engine_phases(profile.snapshot)
     return m
+
+
+def test_exercised_calls_every_verb() -> None:
+    public = {name for name, _ in inspect.getmembers(ServerMetrics, inspect.isfunction) if not name.startswith("_")}
+    assert public - {"render", "serve", "stop"} == VERBS
 
 
 def test_every_contract_metric_has_its_type_and_labels() -> None:
@@ -100,10 +136,10 @@ def test_every_contract_metric_has_its_type_and_labels() -> None:
                 assert by_name[name + suffix] == {frozenset(labels | extra)}, name + suffix
         else:
             assert by_name[name] == {frozenset(labels)}, name
-    # Nothing beyond the contract and the README's documented additions but prometheus_client's
-    # standard `_created` timestamps.
-    extra = {n for n in types if n not in CONTRACT and n not in readme_additions() and not n.endswith("_created")}
-    assert not extra, f"exported but neither in CONTRACT.md nor among the README's additions: {sorted(extra)}"
+    assert_documented(text)
+    m = samples(exercised())
+    assert m[("elasticmoe_engine_step_phase_seconds_total", frozenset({("phase", "experts")}))] == 0.5
+    assert m[("elasticmoe_engine_steps_total", frozenset())] == 2
 
 
 def test_known_label_values_start_at_zero() -> None:
@@ -245,3 +281,17 @@ def test_http_endpoint_serves_metrics_on_localhost() -> None:
     m.stop()  # stopping twice is harmless
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_a_serving_server_exports_exactly_the_documented_families(tiny_models, ray_local) -> None:
+    """The server's own wiring (engine phases from its profile, expert tokens from its steps),
+    after a real request: the whole exported set against CONTRACT.md and the README."""
+    with running_server(tiny_models["mixtral"], workers=1) as server:
+        generate(server.channel, [5, 17, 33], max_tokens=4, ignore_eos=True)
+        server.metrics.expert_load_imbalance(1.0)   # set by the rebalancer's window in a live server
+        text = server.metrics.render().decode()
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    assert [s.value for s in families["elasticmoe_engine_steps"]] > [0]
+    phases = {s.labels["phase"]: s.value for s in families["elasticmoe_engine_step_phase_seconds"]}
+    assert {"schedule", "experts"} <= set(phases) and phases["experts"] > 0, phases
+    assert_documented(text)
