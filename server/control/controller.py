@@ -23,6 +23,7 @@ import ray
 from experts.wire.config import WireConfig
 from experts.wire.dataplane import ExchangeLink, open_link
 from experts.placement.planner import Placement, Plan, plan_placement
+from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
 from experts.worker.actor import Incoming, ReceiveResult, WorkerInfo
 from server.control import cluster
@@ -30,6 +31,7 @@ from server.control.cluster import WorkerResources
 from server.engine.exchange import RemoteExperts, Routing
 from server.control.failover import reroute, sources_without
 from server.control.sweeper import Sweepers
+from server.control.warmup import warm_up
 from server.control.topology import ChangeReport, ScaleRejected, Topology
 
 log = logging.getLogger(__name__)
@@ -238,11 +240,9 @@ class Controller:
             for w in lost:
                 self._forget(w)
             survivors = len(old.workers) - len(lost)
-            # slots of survivors and standby workers must hold every expert, else start new workers
-            fast = min(len(lost), self.standby_count())
-            count = survivors + fast if (survivors + fast) * self.slots >= self.spec.num_experts else len(old.workers)
-            if survivors + fast == 0:
-                count = len(old.workers)
+            # survivors only when their slots hold every expert: they are warm, so the stall is
+            # the remap; else the lost count again (standby workers first, then new processes)
+            count = survivors if survivors and survivors * self.slots >= self.spec.num_experts else len(old.workers)
             log.warning("workers %s lost: topology v%d without them on %d workers", sorted(lost), old.version, count)
             return self._change(count, lost=lost)
         finally:
@@ -307,7 +307,7 @@ class Controller:
 
     def _sweep_new_nodes(self, nodes: set[str]) -> None:
         """On a node first used, remove the segments of servers that are gone (memory/owners.py)."""
-        fresh = nodes - self._swept_nodes
+        fresh = nodes - self._swept_nodes - {cluster.this_node()}   # the server swept its own at start
         self._swept_nodes |= fresh
 
         def run() -> None:
@@ -315,7 +315,7 @@ class Controller:
                 try:
                     self.sweepers.sweep_orphans(node)
                 except Exception as exc:
-                    log.error("sweeping node %s failed: %s", node[:12], exc)
+                    log.warning("sweeping node %s failed: %s", node[:12], exc)
         if fresh:
             threading.Thread(target=run, name="sweep", daemon=True).start()
 
@@ -341,11 +341,15 @@ class Controller:
                 failure = failure or RuntimeError(f"prepare failed on worker {w}: {exc}")
         if failure is None:
             try:
+                # a worker on the engine's node gets a shared-memory ring, others TCP
+                def link(j: _Live, timeout: float) -> ExchangeLink:
+                    return open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
+                                     j.info.node_id == cluster.this_node(), timeout=timeout)
+                warm_up({j.info.worker_id: link(j, self.prepare_timeout) for j in joining},
+                        plan.placement.held_by, len(self.spec.moe_layers), self.spec.hidden,
+                        TORCH_DTYPES[self.spec.dtype])
                 for j in joining:
-                    # a worker on the engine's node gets a shared-memory ring, others TCP
-                    self._links[j.info.worker_id] = open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
-                                                              j.info.node_id == cluster.this_node(),
-                                                              timeout=self.worker_timeout)
+                    self._links[j.info.worker_id] = link(j, self.worker_timeout)
             except Exception as exc:
                 failure = RuntimeError(f"cannot open the data plane to a new worker: {exc}")
         if failure is not None:
