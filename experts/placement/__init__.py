@@ -5,4 +5,5 @@ to a new placement and its moves (no torch, no ray).
                (old vs new placement -> moves with their sources, releases).
 - `pack.py`    one layer in named steps: replicate, pack, keep, assign, relieve, lift.
 - `plan.py`    the data: `Placement` (phy2log), `Move`, `Plan`.
+- `balance.py` the load imbalance of a placement and the rule for when to rebalance it.
 """
