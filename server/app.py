@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from experts.model.checkpoint import Checkpoint
-from experts.model.decoder import KVCache, MoEModel
+from experts.model.decoder import MoEModel
+from experts.model.kv_cache import KVCache
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import load_spec
 from memory.kv_blocks import KVBlockTable
@@ -34,6 +35,7 @@ from experts.placement.balance import RebalanceRule
 from server.control.failover import Failover
 from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
+from server.engine.threads import engine_threads
 from server.engine.request import EngineObserver, Request
 from server.api.grpc_service import AdminServicer, InferenceServicer
 from server.api.chat_template import load_chat_template
@@ -121,7 +123,8 @@ class _FailoverMetrics:
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        torch.set_num_threads(config.threads)
+        # the engine's phases use every core it may run on while the workers wait (server/engine/threads.py)
+        engine_threads(config.threads)
         self.spec = load_spec(config.model, config.dtype)
         self.tokenizer = Tokenizer.from_file(os.path.join(config.model, "tokenizer.json"))
         self.namespace = uuid.uuid4().hex[:8]

@@ -9,6 +9,9 @@ import threading
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from server.engine.threads import passive_openmp
+
+    passive_openmp()   # before torch is first imported: OpenMP reads its wait policy once
     from server.app import Server
     from server.config import ServerConfig
 

@@ -9,9 +9,11 @@ import torch
 
 from experts.model.attention import AttentionBatch
 from experts.model.checkpoint import Checkpoint
-from experts.kernels.ffn import LocalExperts
-from experts.model.decoder import KVCache, MoEModel
+from experts.model.decoder import MoEModel
+from experts.model.kv_cache import KVCache
+from experts.model.local_experts import LocalExperts
 from experts.model.spec import load_spec
+from server.engine.step import ModelRunner, StepInput
 from tests.conftest import FAMILIES, generate, running_server
 
 PROMPTS = ([5, 17, 33], [100, 7, 9, 11, 250, 3, 44, 61, 8, 19, 27], list(range(40, 90)))
@@ -42,13 +44,11 @@ def test_logits_match_transformers(tiny_models, family):
         gate, up, down = ck.expert(spec, spec.moe_layers[layer], e)
         return torch.cat([gate, up]), down
 
-    moe = spec.moe_index
-    backend = LocalExperts(lookup)
-    experts = lambda layer, *a: backend(moe[layer], *a)  # noqa: E731  (decoder layer -> MoE index)
+    experts = LocalExperts(lookup, spec.moe_index, spec.num_experts)
     prompt = PROMPTS[1]
     cache = KVCache(spec, num_blocks=8, block_size=4)
     meta = AttentionBatch.build([len(prompt)], [len(prompt)], [[3, 1, 6, 0]], 4)  # scattered blocks
-    ours = model.forward(torch.tensor(prompt), meta, cache, experts)[0]
+    ours = ModelRunner(model, cache).run([StepInput(torch.tensor(prompt), meta)], experts)[0]
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]

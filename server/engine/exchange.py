@@ -54,7 +54,8 @@ class Routing:
 
 
 class RemoteExperts:
-    """ExpertBackend that sends each worker its share of a layer's pairs and sums the answers."""
+    """The ExpertBackend (experts/model/backend.py) that sends each worker its share of a layer's
+    pairs and sums the answers."""
 
     def __init__(self, routing: Routing, links: Mapping[str, WorkerLink], moe_index: Mapping[int, int],
                  hidden: int, profile: StepProfile = NO_PROFILE) -> None:
@@ -125,6 +126,11 @@ class RemoteExperts:
     def abandon(self, ex: "_Exchange") -> None:
         """A started exchange that will not be finished: read and drop the replies it is owed."""
         _drain(ex.sent, ex.layer, ex.out)
+
+    def take_expert_counts(self) -> dict[int, np.ndarray]:
+        """Routed pairs per expert of each MoE layer since the last call (ExpertBackend)."""
+        counts, self.expert_counts = self.expert_counts, {}
+        return counts
 
 
 @dataclass

@@ -16,14 +16,16 @@ import numpy as np
 import torch
 
 from experts.model.attention import AttentionBatch
-from experts.wire.dataplane import WorkerLost
-from experts.model.decoder import ExpertBackend, KVCache, MoEModel, run_steps
+from experts.model.backend import ExpertBackend, WorkerLost
+from experts.model.decoder import MoEModel
+from experts.model.kv_cache import KVCache
 from experts.model.profile import StepProfile
 from memory.kv_blocks import KVBlockTable
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.request import EngineObserver, Output, Request
 from server.engine.sampling import Sampler, SamplingParams
 from server.engine.scheduler import QueueFull, Scheduled, Scheduler, Sequence
+from server.engine.step import ModelRunner, StepInput
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Engine:
         # always on: ~30 timed sections a step cost microseconds against steps of milliseconds,
         # and dashboards see where step time goes (elasticmoe_engine_step_phase_seconds_total)
         self.profile = StepProfile(enabled=True)
+        self.runner = ModelRunner(model, cache, self.profile)
 
     # -- called from other threads --------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -150,14 +153,16 @@ class Engine:
                     self._end(req, "cancelled")
             elif kind == "commit":
                 backend, version, done = item
-                if hasattr(backend, "profile"):
-                    backend.profile = self.profile
+                backend.profile = self.profile
                 self.backend, self.version = backend, version
                 self._lost = None
                 done.set()
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        # OpenMP keeps a thread count per thread: this one takes the process's (set at start), or
+        # vLLM's kernels, which ask OpenMP rather than torch, could run on fewer cores
+        torch.set_num_threads(torch.get_num_threads())
         while not self._stop.is_set():
             self._drain_inbox()
             if self._lost is not None and self._recovery_overdue():
@@ -204,31 +209,19 @@ class Engine:
         return False
 
     def _step(self, plan: list[Scheduled]) -> None:
+        """Schedule is done: run the model over the plan, count the experts' load, sample, stream."""
         prof = self.profile
-        backend = self.backend
-        # two micro-batches: the engine runs one's attention while the workers run the other's experts
-        halves = _split(plan) if self.overlap and len(plan) >= 2 else [plan]
-        passes = []
+        # --overlap: two micro-batches, the engine runs one's attention while the workers run the
+        # other's experts
+        parts = _split(plan) if self.overlap and len(plan) >= 2 else [plan]
         with prof("inputs"):
-            for part in halves:
-                ids, q_lens, kv_lens, tables = [], [], [], []
-                for item in part:
-                    ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
-                    q_lens.append(item.num_tokens)
-                    kv_lens.append(item.start + item.num_tokens)
-                    tables.append(self.blocks.blocks(item.seq.seq_id))
-                meta = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
-                passes.append(self.model.steps(torch.tensor(ids, dtype=torch.long), meta, self.cache, prof))
-        plan = [item for part in halves for item in part]
-        logits = torch.cat(run_steps(passes, backend, prof))
+            inputs = [self._inputs(part) for part in parts]
+        plan = [item for part in parts for item in part]
+        logits = self.runner.run(inputs, self.backend)
         prof.steps += 1
-        counts = getattr(backend, "expert_counts", None)
-        if counts:
-            for layer, c in counts.items():
-                routed = np.asarray(c)
-                self.expert_load[layer] += routed
-                self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
-            counts.clear()
+        for layer, routed in self.backend.take_expert_counts().items():
+            self.expert_load[layer] += routed
+            self.observer.on_expert_tokens(self.spec.moe_layers[layer], routed)  # checkpoint numbering
         now = time.monotonic()
         generated = 0
         with prof("sample_and_stream"):
@@ -243,6 +236,16 @@ class Engine:
                     generated += 1
                     self._emit(self._requests[item.seq.seq_id], item.seq, token, now)
         self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.blocks.usage, generated)
+
+    def _inputs(self, part: list[Scheduled]) -> StepInput:
+        ids, q_lens, kv_lens, tables = [], [], [], []
+        for item in part:
+            ids.extend(item.seq.tokens[item.start:item.start + item.num_tokens])
+            q_lens.append(item.num_tokens)
+            kv_lens.append(item.start + item.num_tokens)
+            tables.append(self.blocks.blocks(item.seq.seq_id))
+        batch = AttentionBatch.build(q_lens, kv_lens, tables, self.blocks.block_size)
+        return StepInput(torch.tensor(ids, dtype=torch.long), batch)
 
     def _emit(self, req: Request, seq: Sequence, token: int, now: float) -> None:
         if req.first_token is None:
