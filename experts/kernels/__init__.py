@@ -1,2 +1,3 @@
-"""Kernels for routed experts: `ffn.py` holds the pure-torch reference (`run_grouped`) and the
-in-process backend built on it."""
+"""Kernels: `ffn.py` holds the routed experts' pure-torch reference (`run_grouped`); `oplib.py`
+is the one door to vLLM's CPU op library; `moe.py` wraps its fused MoE, `attention.py` its paged
+attention (the in-process expert backend is experts/model/local_experts.py)."""

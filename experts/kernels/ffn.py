@@ -51,17 +51,3 @@ def group_pairs(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     tokens = torch.div(order, a, rounding_mode="floor")
     return order, tokens, groups, counts
 
-
-class LocalExperts:
-    """Every expert in this process: the reference backend (tests, and single-process runs)."""
-
-    def __init__(self, lookup: WeightLookup) -> None:
-        self.lookup = lookup
-
-    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
-        order, tokens, experts, counts = group_pairs(topk_ids)
-        pairs = run_grouped(layer, hidden[tokens], experts.tolist(), counts.tolist(),
-                            topk_weights.reshape(-1)[order].float(), self.lookup)
-        out = torch.zeros(hidden.shape, dtype=torch.float32).index_add_(0, tokens, pairs)
-        return out.to(hidden.dtype)
