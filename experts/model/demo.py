@@ -60,7 +60,17 @@ class DemoShape:
             raise ValueError(f"top_k={self.top_k} > experts={self.experts}")
 
 
-def _tokenizer(vocab: int) -> "object":
+# A plain chat format, so the demo serves /v1/chat/completions: one line per message, each closed
+# by the end-of-sequence token, and the assistant's turn opened when a reply is wanted.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def train_tokenizer(vocab: int) -> "object":
+    """A byte-level BPE `tokenizers.Tokenizer` of at most `vocab` tokens, with `<s>` and `</s>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -147,13 +157,14 @@ def write_demo_model(model_dir: str | Path, family: str = "mixtral", seed: int =
         raise ValueError(f"family {family!r} is not one of {sorted(FAMILY_ARCH)}")
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(shape.vocab)
+    tok = train_tokenizer(shape.vocab)
     tok.save(str(out / "tokenizer.json"))
     vocab = tok.get_vocab_size()
     cfg = _config(family, shape, vocab, eos=tok.token_to_id("</s>"), bos=tok.token_to_id("<s>"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, indent=2) + "\n")
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
     gen = torch.Generator().manual_seed(seed)
     dtype = TORCH_DTYPES[shape.dtype]
     shards: list[dict[str, torch.Tensor]] = [{}]
