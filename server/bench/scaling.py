@@ -1,6 +1,7 @@
 """`elasticmoe bench scaling`: live changes of topology under a constant load of streams.
 
-One node: 2 -> 3 -> 2 workers without standby, then with `--standby 1`. Two raylet nodes on this
+One node: 2 -> 3 -> 2 workers and a rebalance by the recent load without standby, then
+2 -> 3 -> 2 with `--standby 1`. Two raylet nodes on this
 machine: 2 -> 3 across nodes. Per change: duration and its phases, bytes per path, the longest gap
 between two tokens of one stream during the change against steady state, tokens/s before / during
 / after, and the peak memory of all the server's processes (PSS, so shared expert pages count
@@ -150,7 +151,7 @@ class FloorProbe:
         ray.shutdown()
 
 
-def run_changes(label: str, server: ServerProcess, vocab: int, targets: list[int], rows: list[dict],
+def run_changes(label: str, server: ServerProcess, vocab: int, targets: list[int | str], rows: list[dict],
                 timeline: dict, extra_pids: Callable[[], list[int]] = list,
                 under_load: Callable[[], None] | None = None) -> None:
     load = Load(server.channel, vocab)
@@ -165,12 +166,14 @@ def run_changes(label: str, server: ServerProcess, vocab: int, targets: list[int
     for n in targets:
         before0 = time.monotonic() - SETTLE_S
         t0 = time.monotonic()
-        resp = admin.Scale(pb.ScaleRequest(num_workers=n), timeout=600)
+        # "rebalance": re-place experts by the load of the window at the same worker count
+        resp = (admin.Rebalance(pb.RebalanceRequest(), timeout=600) if n == "rebalance"
+                else admin.Scale(pb.ScaleRequest(num_workers=n), timeout=600))
         t1 = time.monotonic()
         time.sleep(SETTLE_S)
         t2 = time.monotonic()
         row = {
-            "setup": label, "change": f"-> {n}", "seconds": resp.duration_seconds,
+            "setup": label, "change": f"-> {n}" if n != "rebalance" else "rebalance", "seconds": resp.duration_seconds,
             "phases": dict(resp.phase_seconds), "experts_moved": resp.experts_moved,
             "bytes_remapped": resp.bytes_remapped, "bytes_copied": resp.bytes_copied, "bytes_loaded": resp.bytes_loaded,
             # a change shorter than a second is measured over the second from its start: a rate
@@ -280,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         with ServerProcess(model, 2, "--ray-num-cpus", "4", *extra) as srv:
             if extra:
                 time.sleep(5)   # the standby worker starts after the server is up
-            run_changes(label, srv, spec.vocab_size, [3, 2], rows, timeline,
+            run_changes(label, srv, spec.vocab_size, [3, 2] if extra else [3, 2, "rebalance"], rows, timeline,
                         under_load=None if extra else floor_under_load)
         if not extra:
             probe.close()
