@@ -78,3 +78,30 @@ def test_proto_keeps_everything_the_contract_names(tmp_path):
     changed = sorted(k for k in promised if k in have and have[k] != promised[k])
     assert not missing, f"renamed or removed (CONTRACT.md needs a migration note): {missing}"
     assert not changed, {k: (promised[k], have[k]) for k in changed}
+
+
+def test_proto_has_the_grpc_additions_the_contract_plans():
+    """CONTRACT.md's "Additions planned" gRPC bullet names `Message.field` and `Service.Method`s:
+    each is served, and WatchOperations streams."""
+    if not CONTRACT.is_file():
+        pytest.skip(f"no {CONTRACT} (CI checks out ../shared beside the clone)")
+    text = CONTRACT.read_text()
+    section = text[text.find("## Additions planned"):]
+    bullet = re.search(r"^- gRPC:(.*?)(?=^- |\Z)", section, flags=re.S | re.M)
+    if bullet is None:
+        pytest.skip(f"{CONTRACT} plans no gRPC additions")
+    names = re.findall(r"`(\w+)\.(\w+)`", bullet.group(1))
+    assert names, bullet.group(1)
+    missing = []
+    for owner, member in names:
+        if owner in pb.DESCRIPTOR.services_by_name:
+            if member not in pb.DESCRIPTOR.services_by_name[owner].methods_by_name:
+                missing.append(f"rpc {owner}.{member}")
+        elif owner not in pb.DESCRIPTOR.message_types_by_name:
+            missing.append(f"message {owner}")
+        elif member not in pb.DESCRIPTOR.message_types_by_name[owner].fields_by_name:
+            missing.append(f"field {owner}.{member}")
+    assert not missing, f"planned in CONTRACT.md, not in the proto: {missing}"
+    watch = pb.DESCRIPTOR.services_by_name["Admin"].methods_by_name["WatchOperations"]
+    assert watch.server_streaming and not watch.client_streaming
+    assert "removable_workers" in pb.DESCRIPTOR.message_types_by_name["Topology"].fields_by_name
