@@ -58,7 +58,9 @@ def test_fused_equals_reference(dtype, m, skip_weighted):
     if skip_weighted:   # the op takes it for top-1 rows only (how the worker calls it)
         ids, weights = ids[:, :1].contiguous(), weights[:, :1].contiguous()
     got, want = torch.empty_like(x), torch.empty_like(x)
+    given = weights.clone()
     fused.fused_moe(got, x, packed(fused, w13), packed(fused, w2), weights, ids, skip_weighted)
+    assert torch.equal(weights, given), "the caller's router weights are left as they were"
     moe.TorchMoE().fused_moe(want, x, w13, w2, weights, ids, skip_weighted)
     scale = want.float().abs().max().item()
     assert (got.float() - want.float()).abs().max().item() <= TOL[dtype] * scale

@@ -72,6 +72,10 @@ def cpu_fused_moe(output: torch.Tensor, input: torch.Tensor, w13: torch.Tensor, 
                   topk_id: torch.Tensor, skip_weighted: bool, act: str, isa: str) -> None:
     """vLLM: output[m] = sum_k (weight[m, k] unless skip_weighted) * FFN_{topk_id[m, k]}(input[m])."""
     _check(output, input, w13, w2, topk_weights, topk_id, skip_weighted, act)
+    if skip_weighted:
+        # the op overwrites topk_weights with 1.0 when it skips them (its schema does not say so):
+        # hand it a scratch tensor, never the caller's weights
+        topk_weights = torch.ones_like(topk_weights)
     oplib.ops().cpu_fused_moe(output, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_id,
                               skip_weighted, act, isa)
 

@@ -3,13 +3,18 @@
 Its protocol is a few verbs, all called by the controller: `info`, `load` (from the checkpoint),
 `receive` (from a peer: remap on the same node, copy across nodes), `release`, `stats`, `stop`.
 Expert FFNs run on its data-plane thread, fed by the engine's exchange (experts/wire/dataplane.py),
-never through Ray calls. Control calls run on Ray's threads beside it: the slot pool only ever
-gains entries before a commit and loses them after one, so the data plane never sees a slot the
-engine's topology does not use.
+never through Ray calls: one fused-kernel call per layer over the layer's slot range (vLLM's
+`cpu_fused_moe` when its op library loaded, else the pure-torch reference; experts/kernels/moe.py),
+with the pairs' logical experts translated to slot indices. Control calls run on Ray's threads
+beside it: the slot pool only ever gains entries before a commit and loses them after one, so the
+data plane never sees a slot the engine's topology does not use.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,13 +24,16 @@ from experts.model.checkpoint import Checkpoint
 from experts.wire.config import WireConfig
 from experts.wire.dataplane import DataPlaneServer
 from experts.wire.messages import ExchangeBounds
-from experts.kernels.ffn import run_grouped
+from experts.kernels.moe import MoEKernel, select_kernel
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
 from memory.owners import claim_namespace
 from memory.segments import ExpertSegment, ExpertShape, segment_name
+from memory.slot_range import HostSlotRange
 from memory.slots import SlotPool
 from experts.wire.transfer import TransferClient, TransferServer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,21 @@ class ExpertWorker:
     """Plain class; the controller wraps it with `ray.remote`. Tests may also run it in-process."""
 
     def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, host: str,
-                 node_id: str = "", capacity: int = 0, num_threads: int = 1, *, wire: WireConfig) -> None:
-        torch.set_num_threads(num_threads)  # processes share few cores: never oversubscribe
+                 node_id: str = "", capacity: int = 0, num_threads: int = 0, *, wire: WireConfig) -> None:
+        # as many threads as CPUs Ray granted this actor: processes share few cores, never oversubscribe
+        self.threads = num_threads or _granted_threads()
+        torch.set_num_threads(self.threads)
         self.worker_id = worker_id
         self.namespace = namespace
         self.model_dir = model_dir
         self.spec = spec   # parsed once by the engine: a worker never imports transformers
         self.shape = ExpertShape(self.spec.hidden, self.spec.expert_intermediate, TORCH_DTYPES[self.spec.dtype])
         self.pool = SlotPool(len(self.spec.moe_layers), capacity or self.spec.num_experts)
+        choice = select_kernel(self.spec.hidden, self.spec.expert_intermediate, self.shape.dtype)
+        self.kernel: MoEKernel = choice.kernel
+        log.info("worker %s: experts on %s (%s), %d threads", worker_id, self.kernel.name, choice.reason, self.threads)
+        self.ranges = [HostSlotRange(self.pool.capacity, self.shape) for _ in self.spec.moe_layers]
+        self._compute_threads: set[int] = set()
         self.node_id = node_id or _ray_node_id()
         self.host = host
         self._by_name: dict[str, ExpertSegment] = {}
@@ -85,15 +100,37 @@ class ExpertWorker:
         _serve_at_normal_priority()   # started (imports done) at Ray's low priority; now it serves
 
     # -- data plane -------------------------------------------------------------------------
-    def _lookup(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seg = self.pool.get(layer, expert)
-        return seg.gate_up, seg.down
-
     def _compute(self, layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int],
                  weights: torch.Tensor) -> torch.Tensor:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D], float32."""
         self._tokens += x.shape[0]
+        if threading.get_ident() not in self._compute_threads:
+            # OpenMP's thread count is per calling thread: a thread Python started reads
+            # OMP_NUM_THREADS until told otherwise, and the kernel runs on this one
+            torch.set_num_threads(self.threads)
+            self._compute_threads.add(threading.get_ident())
         with torch.inference_mode():
-            return run_grouped(layer, x, expert_ids, counts, weights, self._lookup)
+            return self._fused(self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights)
+
+    def _fused(self, rng: HostSlotRange, x: torch.Tensor, slots: list[int], counts: list[int],
+               weights: torch.Tensor) -> torch.Tensor:
+        # Each pair is one row with top-1 = its slot, unweighted (skip_weighted): the kernel writes
+        # it in the model dtype, as F.linear of that row alone would, and a row's result does not
+        # depend on the other rows (tested bitwise), so how experts are spread over workers cannot
+        # change it. The router weight is applied here in float32, and the engine sums in float32.
+        x = x.contiguous()
+        out = torch.empty(x.shape, dtype=x.dtype)
+        ids = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(counts))
+        w = weights.float().unsqueeze(1)
+        if rng.contiguous:
+            self.kernel.fused_moe(out, x, rng.w13, rng.w2, w, ids.unsqueeze(1), True)
+        else:   # page-padded slots: the stacked view is strided, so one slot (a contiguous [1, ...]) at a time
+            start, zero = 0, torch.zeros((1, 1), dtype=torch.int32)
+            for s, n in zip(slots, counts):
+                self.kernel.fused_moe(out[start:start + n], x[start:start + n], rng.w13[s:s + 1], rng.w2[s:s + 1],
+                                      w[start:start + n], zero.expand(n, 1).contiguous(), True)
+                start += n
+        return out.float().mul_(w)
 
     def _segment_bytes(self, name: str) -> memoryview | None:
         seg = self._by_name.get(name)
@@ -109,8 +146,19 @@ class ExpertWorker:
         return ExpertSegment.create(name, self.shape)
 
     def _install(self, layer: int, expert: int, seg: ExpertSegment) -> None:
+        # mapped into its slot before the pool publishes it: the data plane never sees an empty slot
+        self.ranges[layer].map(self.pool.slot(layer, expert), seg.name)
         self._by_name[seg.name] = seg
         self.pool.install(layer, expert, seg)
+
+    def _vacate(self, layer: int, expert: int) -> ExpertSegment | None:
+        """Empty the slot of (layer, expert), installed or only reserved; the segment if installed."""
+        slot = self.pool.slot(layer, expert)
+        seg = self.pool.release(layer, expert) if self._installed(layer, expert) else None
+        if seg is None:
+            self.pool.cancel(layer, expert)
+        self.ranges[layer].unmap(slot)
+        return seg
 
     def receive(self, items: list[Incoming]) -> ReceiveResult:
         """Make every item resident. On any failure, undo everything this call added and raise."""
@@ -132,10 +180,7 @@ class ExpertWorker:
                 counted[it.path] += seg.nbytes
         except Exception as exc:
             for layer, expert in reserved:
-                if self._installed(layer, expert):
-                    self.pool.release(layer, expert)
-                else:
-                    self.pool.cancel(layer, expert)
+                self._vacate(layer, expert)
             for _, _, seg, created in made:
                 self._drop(seg, unlink=created)
             where = reserved[-1] if reserved else None
@@ -176,10 +221,10 @@ class ExpertWorker:
         gate, up, down = self._checkpoint.expert(self.spec, self.spec.moe_layers[layer], expert)
         seg = self._new_segment(layer, expert)
         try:
-            inter = self.spec.expert_intermediate
-            seg.gate_up[:inter].copy_(gate)
-            seg.gate_up[inter:].copy_(up)
-            seg.down.copy_(down)
+            # packed once, here: peers copy and remaps map these kernel-ready bytes
+            dt = self.shape.dtype
+            self.kernel.prepack(torch.cat([gate, up]).to(dt).unsqueeze(0), seg.gate_up.unsqueeze(0))
+            self.kernel.prepack(down.to(dt).unsqueeze(0), seg.down.unsqueeze(0))
         except Exception:
             self._drop(seg, unlink=True)
             raise
@@ -196,7 +241,8 @@ class ExpertWorker:
         on this node maps that segment any more, so its name goes too. Returns bytes released."""
         freed = 0
         for (layer, expert), gone in zip(items, unlink):
-            seg = self.pool.release(layer, expert)
+            seg = self._vacate(layer, expert)
+            assert seg is not None, (layer, expert)
             freed += seg.nbytes
             self._drop(seg, gone)
         return freed
@@ -220,6 +266,8 @@ class ExpertWorker:
             seg.close()
             seg.unlink()
         self._by_name.clear()
+        for rng in self.ranges:   # the data plane has stopped: nothing reads the ranges any more
+            rng.close()
 
 
 def _serve_at_normal_priority() -> None:
@@ -231,6 +279,17 @@ def _serve_at_normal_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:   # not permitted without CAP_SYS_NICE: start the cluster with RAY_worker_niceness=0
         pass
+
+
+def _granted_threads() -> int:
+    """Threads for the CPUs Ray assigned this actor (a fractional grant still runs one thread);
+    1 outside Ray."""
+    import ray
+
+    if not ray.is_initialized():   # in-process (tests): asking the runtime context would start a Ray
+        return 1
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    return max(1, math.ceil(cpus - 1e-9))
 
 
 def _ray_node_id() -> str:
