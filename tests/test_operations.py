@@ -35,6 +35,12 @@ def _version(server) -> int:
     return _admin(server).GetTopology(pb.GetTopologyRequest()).version
 
 
+def _at(server, workers: int) -> None:
+    """Each test starts from the worker count it needs, whatever ran before it."""
+    if len(server.controller.topology.workers) != workers:
+        server.scale(workers)
+
+
 def test_a_retry_with_the_same_id_is_the_same_change(server):
     admin, before = _admin(server), _version(server)
     answers: list[pb.ScaleResponse] = []
@@ -59,6 +65,7 @@ def test_a_retry_with_the_same_id_is_the_same_change(server):
 
 
 def test_watch_streams_a_changes_phases_in_order(server):
+    _at(server, 2)
     admin = _admin(server)
     seen: list[pb.Operation] = []
     watching = admin.WatchOperations(pb.WatchOperationsRequest(), timeout=120)
@@ -98,6 +105,7 @@ def test_watch_streams_a_changes_phases_in_order(server):
 
 
 def test_no_wait_returns_before_the_commit_and_get_operation_shows_it_done(server):
+    _at(server, 1)
     admin, before = _admin(server), _version(server)
     # a scale-up starts a worker process: seconds, so the answer surely comes before the commit
     resp = admin.Scale(pb.ScaleRequest(num_workers=2, no_wait=True), timeout=60)
@@ -114,6 +122,7 @@ def test_no_wait_returns_before_the_commit_and_get_operation_shows_it_done(serve
 
 
 def test_topology_names_the_workers_a_scale_down_removes(server):
+    _at(server, 2)
     admin = _admin(server)
     topo = admin.GetTopology(pb.GetTopologyRequest())
     assert len(topo.workers) == 2

@@ -157,9 +157,10 @@ def test_past_the_threshold_the_server_rebalances_by_itself_once(tiny_models, ra
 
 def test_imbalance_is_max_over_mean_per_worker_summed_over_layers():
     p = Placement(("a", "b"), (((0, 1), (0, 2)), ((2, 3), (1, 3))))
-    load = [[6, 2, 1, 1], [5, 5, 0, 0]]
-    assert worker_loads(p, load) == [[8, 2], [5, 5]]
-    assert imbalance(p, load) == pytest.approx((8 + 5) / (5 + 5))
+    load = [[6, 2, 1, 1], [1, 1, 0, 0]]
+    assert worker_loads(p, load) == [[8, 2], [1, 1]]
+    # layers weigh by their tokens (a mean of per-layer ratios would say (1.6 + 1.0) / 2 = 1.3)
+    assert imbalance(p, load) == pytest.approx((8 + 1) / (5 + 1))
     assert imbalance(p, [[0] * 4, [0] * 4]) == 1.0
     replicated = Placement(("a", "b"), (((0, 1),), ((0, 2, 3),)))   # expert 0 on both: its tokens split
     assert worker_loads(replicated, [[4, 1, 1, 1]]) == [[3, 4]]

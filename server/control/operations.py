@@ -98,7 +98,8 @@ class OperationRegistry:
         with self._cond:
             op = self._ops.get(operation_id)
             if op is not None:
-                if (op.kind, op.target) != (kind, target):
+                # a rebalance keeps the worker count of its time: a retry after a scale is the same one
+                if op.kind != kind or (kind == "scale" and op.target != target):
                     raise ValueError(f"operation_id {operation_id!r} is a {op.kind} to {op.target} workers; "
                                      f"this request asks for a {kind} to {target}")
                 return op, False
