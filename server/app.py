@@ -6,13 +6,9 @@ import os
 import threading
 import time
 import uuid
-from concurrent import futures
 from typing import Callable
 
-import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from experts.model.checkpoint import Checkpoint
@@ -25,8 +21,6 @@ from memory.owners import claim_namespace, disown_namespace, sweep_orphans
 from memory.segments import unlink_namespace
 from experts.wire.config import LOOPBACK, WireConfig
 from server.control import cluster
-from server.api import elasticmoe_pb2 as pb
-from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.control.controller import Controller
 from server.control.operations import Operation, OperationRegistry, OperationRunner, PhaseReport
@@ -37,10 +31,11 @@ from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
 from server.engine.threads import engine_threads
 from server.engine.request import EngineObserver, Request
+from server.api.front import GrpcFront
 from server.api.grpc_service import AdminServicer, InferenceServicer
 from server.api.chat_template import load_chat_template
 from server.api.http_service import HttpApi, HttpFront
-from server.api.requests import encode_prompt
+from server.api.prompts import PromptEncoder
 from server.autoscale.windows import LatencyWindow, RateWindow
 from server.metrics import ServerMetrics
 from server.engine.scheduler import Scheduler
@@ -135,7 +130,8 @@ class Server:
         self.operations = OperationRunner(OperationRegistry())
         self.rebalancer: Rebalancer | None = None
         self._stopping = threading.Event()
-        self.grpc_server: grpc.Server | None = None
+        self.front: GrpcFront | None = None
+        self.admin_address: str | None = None   # Admin's own address, when not beside Inference
         self.engine: Engine | None = None     # shutdown() must work after a start that failed midway
         self.controller: Controller | None = None
         self.http: HttpFront | None = None
@@ -189,8 +185,7 @@ class Server:
         self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
         self._progress(f"starting {c.workers} expert workers on Ray")
         self.scale(c.workers)
-        for name in self._health_names:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.front.set_serving(True)
         if self.http is not None:
             self.http.set_serving(True)
         if c.standby:
@@ -199,7 +194,8 @@ class Server:
         if c.autoscale:
             self._start_autoscaler(c.autoscale)
         self._start_rebalancer()
-        self._progress(f"serving on {c.host}:{self.port} (metrics on :{self.metrics_port}/metrics)")
+        self._progress(f"serving on {c.host}:{self.port}" + (f", Admin on {self.admin_address}" if self.admin_address
+                       else "") + f" (metrics on :{self.metrics_port}/metrics)")
 
     def _commit(self, backend) -> None:
         self.engine.commit(backend, backend.routing.version)
@@ -280,28 +276,17 @@ class Server:
 
     def _start_grpc(self) -> None:
         c = self.config
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_running + c.max_waiting + 16),
-                             options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.engine, self.tokenizer, self.stats), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.controller, self, self.operations.registry), server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-                 pb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind gRPC on {c.host}:{c.port}")
-        self._health_names = ("", *names[:2])
-        for name in self._health_names:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server.start()
-        self.grpc_server = server
+        prompts = PromptEncoder(self.tokenizer, self.engine.max_model_len)
+        inference = InferenceServicer(self.engine, prompts, self.stats)
+        admin = AdminServicer(self.controller, self, self.operations.registry)
+        self.front = GrpcFront(c, inference, admin)
+        bound = self.front.start()
+        self.port, self.admin_address = bound.port, bound.admin_address
 
     def _start_http(self) -> None:
         c = self.config
-        tokenizer = self.tokenizer
-        api = HttpApi(self.engine, lambda text: encode_prompt(tokenizer, text), self.stats, c.model,
+        # the same prompt rules as gRPC (server/api/prompts.py: size bound, then tokenizing)
+        api = HttpApi(self.engine, PromptEncoder(self.tokenizer, self.engine.max_model_len).encode, self.stats, c.model,
                       load_chat_template(c.model))
         self.http = HttpFront(api, c.host, c.http_port)
         self.http_port = self.http.port
@@ -311,6 +296,22 @@ class Server:
         from server.autoscale.wiring import start_autoscaler
         self.autoscaler = start_autoscaler(self, path)
 
+    def drain(self, grace_s: float) -> bool:
+        """Stop intake (new requests: UNAVAILABLE; health NOT_SERVING) and let the requests taken
+        finish, for at most `grace_s` seconds. True when every one finished; shutdown() then ends
+        the rest (UNAVAILABLE "server shutting down")."""
+        if self.engine is None:
+            return True
+        self.engine.close_intake()
+        if self.front is not None:
+            self.front.not_serving()
+        if self.http is not None:
+            self.http.set_serving(False)
+        deadline = time.monotonic() + grace_s
+        while not self.engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.engine.idle
+
     def shutdown(self) -> None:
         """Stop taking requests, end streams, stop workers and Ray; leave no shared memory behind."""
         self._stopping.set()
@@ -318,9 +319,8 @@ class Server:
             self.autoscaler.stop()
         if self.rebalancer is not None:
             self.rebalancer.stop()
-        if self.grpc_server is not None:
-            self.health.enter_graceful_shutdown()
-            self.grpc_server.stop(grace=2).wait()
+        if self.front is not None:
+            self.front.stop(grace=2)
         if self.http is not None:
             self.http.stop()
         if self.engine is not None:

@@ -3,9 +3,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+
+
+def _channel(args: argparse.Namespace):
+    """A channel to --address: TLS when --tls-ca is given (the CA that signed the server's cert)."""
+    import grpc
+
+    if args.tls_ca:
+        from server.api.security import channel_credentials
+        return grpc.secure_channel(args.address, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
+    return grpc.insecure_channel(args.address)
+
+
+def _credential(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    """Metadata with the Admin credential (--admin-token, or ELASTICMOE_ADMIN_TOKEN)."""
+    from server.api.security import bearer
+
+    return bearer(args.admin_token) if args.admin_token else None
+
+
+def _client_flags(p: argparse.ArgumentParser, admin: bool) -> None:
+    p.add_argument("--tls-ca", default=None, help="PEM of the CA that signed the server's certificate (TLS)")
+    p.add_argument("--tls-cert", default=None, help="client certificate PEM, for a server that requires one")
+    p.add_argument("--tls-key", default=None, help="the client certificate's key PEM")
+    if admin:
+        p.add_argument("--admin-token", default=os.environ.get("ELASTICMOE_ADMIN_TOKEN"),
+                       help="the server's --admin-token (default: $ELASTICMOE_ADMIN_TOKEN)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,19 +51,33 @@ def _serve(args: argparse.Namespace) -> int:
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
         slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
-        worker_timeout_s=args.worker_timeout)
+        worker_timeout_s=args.worker_timeout,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token,
+        admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace)
     server = Server(config)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         server.start()
+        # ray.init installs its own SIGTERM handler (sys.exit wherever the main thread is, which
+        # ended in SIGABRT): SIGTERM drains like Ctrl-C, so ours goes back in place
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         print(f"elasticmoe serving {config.model} on {config.host}:{server.port} "
               f"with {config.workers} expert workers; metrics on :{server.metrics_port}/metrics\n"
               + (f"  OpenAI-compatible HTTP API on http://{config.host}:{server.http_port}/v1\n" if config.http_port >= 0 else "") +
               f"  try: elasticmoe generate \"Once upon a time\" --address {config.host}:{server.port}\n"
               f"  Ctrl-C stops it.", flush=True)
         stop.wait()
+        print(f"elasticmoe: draining (new requests refused; running streams get up to "
+              f"{config.shutdown_grace_s:g} s)", flush=True)
+        if not server.drain(config.shutdown_grace_s):
+            print("elasticmoe: grace period over; cancelling the streams still running", flush=True)
     finally:
         print("elasticmoe: shutting down", flush=True)
         server.shutdown()
@@ -64,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
                                top_k=args.top_k, stop=args.stop or [], ignore_eos=args.ignore_eos)
     if args.seed is not None:
         params.seed = args.seed
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             last = None
@@ -96,16 +137,16 @@ def _admin(args: argparse.Namespace) -> int:
     from server.api import elasticmoe_pb2 as pb
     from server.api import elasticmoe_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
             if args.cmd in ("scale", "rebalance"):
                 if args.cmd == "scale":
                     r = stub.Scale(pb.ScaleRequest(num_workers=args.num_workers, operation_id=args.operation_id,
-                                                   no_wait=args.no_wait), timeout=args.timeout)
+                                                   no_wait=args.no_wait), timeout=args.timeout, metadata=_credential(args))
                 else:
                     r = stub.Rebalance(pb.RebalanceRequest(operation_id=args.operation_id, no_wait=args.no_wait),
-                                       timeout=args.timeout)
+                                       timeout=args.timeout, metadata=_credential(args))
                 if args.no_wait:   # the id alone on stdout, for scripts
                     print(r.operation_id)
                     print(f"planned; follow it with: elasticmoe operations --watch {r.operation_id}", file=sys.stderr)
@@ -115,7 +156,7 @@ def _admin(args: argparse.Namespace) -> int:
                       f"remapped {r.bytes_remapped} B, copied {r.bytes_copied} B, loaded {r.bytes_loaded} B")
                 _print_topology(r.topology)
             else:
-                _print_topology(stub.GetTopology(pb.GetTopologyRequest(), timeout=args.timeout))
+                _print_topology(stub.GetTopology(pb.GetTopologyRequest(), timeout=args.timeout, metadata=_credential(args)))
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -142,15 +183,16 @@ def _operations(args: argparse.Namespace) -> int:
     from server.api import elasticmoe_pb2 as pb
     from server.api import elasticmoe_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
             if not args.watch:
-                for op in stub.ListOperations(pb.ListOperationsRequest(), timeout=args.timeout).operations:
+                for op in stub.ListOperations(pb.ListOperationsRequest(), timeout=args.timeout, metadata=_credential(args)).operations:
                     print(_operation_line(op))
                 return 0
             last = None
-            for last in stub.WatchOperations(pb.WatchOperationsRequest(operation_id=args.watch), timeout=args.timeout):
+            for last in stub.WatchOperations(pb.WatchOperationsRequest(operation_id=args.watch), timeout=args.timeout,
+                                             metadata=_credential(args)):
                 print(_operation_line(last), flush=True)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -203,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a worker may take to answer one exchange before it counts as lost")
     s.add_argument("--overlap", action="store_true",
                    help="split each step in two micro-batches: attention of one runs while workers run the other's experts")
+    s.add_argument("--tls-cert", default=None, help="server certificate PEM: every gRPC port speaks TLS")
+    s.add_argument("--tls-key", default=None, help="the certificate's private key PEM")
+    s.add_argument("--tls-client-ca", default=None, help="CA PEM: clients must present a certificate it signed (mTLS)")
+    s.add_argument("--admin-token", default=os.environ.get("ELASTICMOE_ADMIN_TOKEN"),
+                   help="Admin RPCs need metadata `authorization: Bearer TOKEN` (default: $ELASTICMOE_ADMIN_TOKEN)")
+    s.add_argument("--admin-address", default=None, metavar="HOST:PORT",
+                   help="serve Admin (and Health) only here; default: beside Inference when --host is loopback, "
+                        "else 127.0.0.1 on --port + 1")
+    s.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=True,
+                   help="gRPC server reflection (the API is public anyway; on by default)")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds running streams get to finish before they are cancelled")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo-model", help="write a small random-weight checkpoint")
@@ -231,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--timeout", type=float, default=300.0)
+    _client_flags(g, admin=False)
     g.set_defaults(func=_generate)
 
     for name, helptext in (("scale", "change the number of expert workers, live"),
@@ -244,16 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--no-wait", action="store_true", help="return once planned; print the operation id")
         a.add_argument("--address", default="127.0.0.1:50051")
         a.add_argument("--timeout", type=float, default=600.0)
+        _client_flags(a, admin=True)
         a.set_defaults(func=_admin)
 
     o = sub.add_parser("operations", help="list recent changes of topology, or follow one")
     o.add_argument("--watch", default="", metavar="ID", help="follow this operation until it is done or aborted")
     o.add_argument("--address", default="127.0.0.1:50051")
     o.add_argument("--timeout", type=float, default=600.0)
+    _client_flags(o, admin=True)
     o.set_defaults(func=_operations)
 
-    b = sub.add_parser("bench", help="benchmarks: decode, scaling")
-    b.add_argument("which", choices=["decode", "scaling"])
+    b = sub.add_parser("bench", help="benchmarks: decode, scaling, kernels")
+    b.add_argument("which", choices=["decode", "scaling", "kernels"])
     b.add_argument("--model", required=True)
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG plot here")
@@ -266,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtypes", default="float32,bfloat16", help="decode: dtypes to serve the checkpoint in")
     b.add_argument("--workers", default="1,2", help="decode: worker counts of our server")
     b.add_argument("--prefill-len", type=int, default=512, help="decode: prompt length of the prefill row (0: none)")
+    b.add_argument("--threads", type=int, default=2, help="kernels: OpenMP threads")
+    b.add_argument("--repeat", type=int, default=200, help="kernels: timed calls per cell")
     b.set_defaults(func=_bench)
     return p
 

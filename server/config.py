@@ -36,6 +36,15 @@ class ServerConfig:
     rebalance_window_s: float = 30.0      # expert load is counted over this sliding window
     rebalance_threshold: float = 0.0      # imbalance (max/mean tokens per worker) that rebalances; 0 = by hand only
     rebalance_interval_s: float = 60.0    # at least this long between two automatic rebalances
+    # the front door (server/api/front.py)
+    tls_cert: str | None = None           # PEM; with tls_key, every gRPC port speaks TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None      # PEM; clients must present a certificate it signed (mTLS)
+    admin_token: str | None = None        # Admin RPCs need `authorization: Bearer <token>`
+    admin_address: str | None = None      # HOST:PORT of Admin's own server; None: beside Inference on
+                                          # loopback hosts, else 127.0.0.1:port+1
+    reflection: bool = True               # the schema is public (CONTRACT); grpcurl works without files
+    shutdown_grace_s: float = 30.0        # SIGTERM/SIGINT: running streams get this long to finish
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -60,6 +69,25 @@ class ServerConfig:
             raise ValueError(f"--max-step-tokens {self.max_step_tokens} must be >= --max-running {self.max_running}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r} must be float32 or bfloat16")
+        self._check_front_door()
+
+    def _check_front_door(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"--tls-cert {self.tls_cert!r} and --tls-key {self.tls_key!r}: give both or neither")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path!r} is not a file")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"--tls-client-ca {self.tls_client_ca!r} needs --tls-cert and --tls-key")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("--admin-token must not be empty")
+        if self.admin_address is not None:
+            host, _, port = self.admin_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"--admin-address {self.admin_address!r} must be HOST:PORT")
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(f"--shutdown-grace {self.shutdown_grace_s!r} must be >= 0")
 
     @property
     def num_blocks(self) -> int:

@@ -3,6 +3,7 @@ disturbs the requests being served, and nothing is left holding KV blocks afterw
 from __future__ import annotations
 
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,6 +43,13 @@ BAD = [
     ("top_p > 1", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(top_p=1.5)), "top_p"),
     ("top_p < 0", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(top_p=-0.1)), "top_p"),
     ("top_p NaN", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(top_p=math.nan)), "top_p"),
+    ("temperature +inf", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(temperature=math.inf)),
+     "temperature"),
+    ("temperature -inf", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(temperature=-math.inf)),
+     "temperature"),
+    # a client's top_k=-1 arrives as 2**32-1 on the uint32: refused, not silently "off"
+    ("top_k = 2**32-1", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(top_k=2**32 - 1)), "top_k"),
+    ("top_k > vocab", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(top_k=513)), "top_k"),
     ("empty stop string", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(stop=["a", ""])), "stop"),
     ("17 stop strings", pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=ok(stop=["s"] * 17)), "stop"),
 ]
@@ -91,6 +99,11 @@ def test_bad_request_is_invalid_argument_naming_the_field(server, case, request_
 
 def test_top_k_zero_is_fine(server):
     tokens, _, last = generate(server.channel, PROMPT, max_tokens=4, temperature=0.7, top_k=0, seed=1)
+    assert len(tokens) == 4 and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_top_k_up_to_the_vocabulary_is_fine(server):
+    tokens, _, last = generate(server.channel, PROMPT, max_tokens=4, temperature=0.7, top_k=512, seed=1)
     assert len(tokens) == 4 and last.finish_reason == pb.FINISH_REASON_LENGTH
 
 
@@ -165,3 +178,32 @@ def test_nothing_left_behind(server):
     wait_idle(server)
     assert server.engine.scheduler.num_waiting == 0
     assert server.engine.blocks.num_free == server.engine.blocks.num_blocks
+
+
+def test_a_burst_into_an_idle_server_is_admitted_up_to_running_plus_waiting(tiny_models, ray_local):
+    """--max-waiting bounds requests that cannot run, not arrivals between two engine steps: 100 at
+    once into an idle server with 64 running slots and 8 waiting places admit 64 + 8; the rest are
+    RESOURCE_EXHAUSTED; every admitted one completes."""
+    with running_server(tiny_models["mixtral"], workers=1, max_waiting=8, max_running=64,
+                        kv_cache_tokens=8192) as burst:   # 64 x (3 + 24 tokens) fit the cache
+        want, _, _ = generate(burst.channel, PROMPT, max_tokens=24, ignore_eos=True)
+        wait_idle(burst)
+        go = threading.Barrier(100)
+
+        def one(_):
+            go.wait()
+            try:
+                return generate(burst.channel, PROMPT, max_tokens=24, ignore_eos=True, timeout=120)[0]
+            except grpc.RpcError as exc:
+                return exc
+
+        with ThreadPoolExecutor(100) as pool:
+            results = list(pool.map(one, range(100)))
+        served = [r for r in results if not isinstance(r, grpc.RpcError)]
+        refused = [r for r in results if isinstance(r, grpc.RpcError)]
+        print(f"\n100 at once, max_running 64, max_waiting 8: {len(served)} served, {len(refused)} refused")
+        assert len(served) >= 64 + 8, [(e.code(), e.details()) for e in refused[:3]]
+        assert all(tokens == want for tokens in served)
+        for err in refused:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (err.code(), err.details())
+        wait_idle(burst)

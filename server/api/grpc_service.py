@@ -1,10 +1,17 @@
-"""The gRPC servicers: validate, queue, stream. The only place that turns errors into status codes."""
+"""The gRPC servicers: validate, queue, stream. The only place that turns errors into status codes.
+
+Inference runs on an asyncio gRPC server (`front.py`): a stream waiting for its reader (a slow or
+stalled client) is a suspended coroutine, not a thread, so it cannot starve Health, Admin or other
+streams. Admin's methods are plain functions run in that server's thread pool (a Scale blocks for
+seconds).
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Protocol
 
 import grpc
@@ -12,31 +19,26 @@ import grpc
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.api.operations_proto import operation_to_proto, scale_response
+from server.api.lenient import Undecodable, decode_generate
+from server.api.prompts import PromptEncoder
+from server.api.requests import choose_prompt, sampling_params
 from server.control.controller import Controller
 from server.control.operations import Operation, OperationRegistry
 from server.control.topology import ScaleRejected, Topology
-from server.engine.loop import Engine
-from server.engine.request import Output, Request
+from server.engine.loop import Engine, IntakeClosed
+from server.engine.request import EngineObserver, Output, Request
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
-MAX_STOP_STRINGS = 16
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
-    """ValueError naming the field for anything out of range."""
-    if s.max_tokens < 1:
-        raise ValueError(f"sampling.max_tokens must be >= 1, got {s.max_tokens}")
-    if len(s.stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"sampling.stop: at most {MAX_STOP_STRINGS} strings, got {len(s.stop)}")
-    if not 0.0 <= s.top_p <= 1.0:  # also rejects NaN
-        raise ValueError(f"sampling.top_p must be in [0, 1], got {s.top_p}")
-    return SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+    """The rules every API shares (requests.py); ValueError naming `sampling.<field>`."""
+    return sampling_params(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed if s.HasField("seed") else None,
+                           s.stop, s.ignore_eos, prefix="sampling.")
 
 
 def topology_to_proto(topo: Topology | None, moe_layers: tuple[int, ...], num_experts: int) -> pb.Topology:
@@ -52,63 +54,97 @@ def topology_to_proto(topo: Topology | None, moe_layers: tuple[int, ...], num_ex
     return msg
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, tokenizer, observer) -> None:
+class LoopOutputs:
+    """A request's outputs as the engine thread puts them, delivered to the stream's coroutine on
+    the gRPC event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+
+    def put(self, out: Output) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:
+            pass   # the loop is closed: the server stopped and nobody reads this stream any more
+
+
+class InferenceServicer:
+    """Inference.Generate."""
+
+    def __init__(self, engine: Engine, prompts: PromptEncoder, observer: EngineObserver) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.prompts = prompts
         self.observer = observer   # counts requests refused before they reach the engine
+        # tokenizing takes milliseconds per KB: off the event loop, so streams keep flowing meanwhile
+        self._tokenize = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """Generate with a request decoder that turns bad UTF-8 into INVALID_ARGUMENT (grpc's
+        generated one answers INTERNAL before any handler runs)."""
+        generate = grpc.unary_stream_rpc_method_handler(
+            self.Generate, request_deserializer=decode_generate,
+            response_serializer=pb.GenerateResponse.SerializeToString)
+        return grpc.method_handlers_generic_handler(
+            pb.DESCRIPTOR.services_by_name["Inference"].full_name, {"Generate": generate})
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
-        if has_text == has_ids:
-            raise ValueError("prompt / prompt_token_ids: give exactly one of them"
-                             + (" (both were set)" if has_text else " (neither was set, or it was empty)"))
-        if has_ids:
-            return list(request.prompt_token_ids)
-        ids = self.tokenizer.encode(request.prompt).ids
-        if not ids:
-            raise ValueError("prompt: encodes to no tokens")
-        return ids
+        prompt = choose_prompt(request.prompt, request.prompt_token_ids)
+        return prompt if isinstance(prompt, list) else self.prompts.encode(prompt)
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+    async def _refuse(self, context: grpc.aio.ServicerContext, status: str, code: grpc.StatusCode, why: str) -> None:
+        self.observer.on_refused(status)
+        await context.abort(code, why)
+
+    async def Generate(self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, request.error)
         rid = request.request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        outputs = LoopOutputs(loop)
         try:
             if not request.HasField("sampling"):
                 raise ValueError("sampling: required (sampling.max_tokens must be >= 1)")
             params = sampling_from_proto(request.sampling)
-            req = Request(rid, self._prompt_ids(request), params)
+            self.prompts.check_size(request.prompt)   # before a thread is spent on it
+            ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, request)
+            req = Request(rid, ids, params, outputs=outputs)
             self.engine.submit(req)
         except ValueError as exc:
-            self.observer.on_refused("invalid")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
-            self.observer.on_refused("rejected")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {exc}")
-        # runs when the RPC ends for any reason: a client cancel or a passed deadline frees the
-        # request's KV blocks at the next engine step; after a normal finish it is a no-op
-        if not context.add_callback(lambda: self.engine.cancel(req)):
-            self.engine.cancel(req)  # the RPC ended before the callback was in place: nobody reads on
-            return
+            await self._refuse(context, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {exc}")
+        except IntakeClosed as exc:
+            await self._refuse(context, "rejected", grpc.StatusCode.UNAVAILABLE, str(exc))
+        try:
+            await self._stream(req, outputs, context)
+        finally:
+            # the RPC ended for any reason (a client cancel and a passed deadline cancel this
+            # coroutine): the request's KV blocks are freed at the next engine step; after a
+            # normal finish it is a no-op
+            self.engine.cancel(req)
+
+    async def _stream(self, req: Request, outputs: LoopOutputs, context: grpc.aio.ServicerContext) -> None:
         while True:
-            try:
-                out: Output = req.outputs.get(timeout=1.0)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
+            out = await outputs.queue.get()
+            if out.finish == "rejected":   # counted by the engine
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, out.error)
             if out.finish in ("error", "cancelled"):
                 if out.finish == "error":
-                    context.abort(grpc.StatusCode.UNAVAILABLE if "shutting down" in out.error else grpc.StatusCode.INTERNAL,
-                                  out.error or "request failed")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE if "shutting down" in out.error
+                                        else grpc.StatusCode.INTERNAL, out.error or "request failed")
                 return
-            msg = pb.GenerateResponse(request_id=rid, token_ids=out.token_ids, text=out.text)
+            msg = pb.GenerateResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text)
             if out.finish:
                 msg.finish_reason = FINISH[out.finish]
                 msg.prompt_tokens = out.prompt_tokens
                 msg.completion_tokens = out.completion_tokens
-                yield msg
+            # a client that reads nothing (a zero HTTP/2 window) suspends this coroutine here and
+            # holds no thread; grpc.aio cannot cancel a write pending in the transport, so the
+            # stream stays until the client's deadline or connection ends it
+            await context.write(msg)
+            if out.finish:
                 return
-            yield msg
 
 
 class Changes(Protocol):

@@ -30,6 +30,10 @@ from server.engine.step import ModelRunner, StepInput
 log = logging.getLogger(__name__)
 
 
+class IntakeClosed(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
 class Engine:
     def __init__(self, model: MoEModel, tokenizer, blocks: KVBlockTable, cache: KVCache, scheduler: Scheduler,
                  max_model_len: int, observer: EngineObserver | None = None, overlap: bool = False) -> None:
@@ -54,6 +58,7 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._pending_count = 0          # requests submitted but not yet taken from the inbox
         self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
+        self._closed = False             # intake closed at shutdown (set once, read without the lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
         # a lost worker stalls stepping (requests keep their KV cache and their place) until the
         # controller commits a topology without it; `on_worker_lost` asks it to
@@ -82,20 +87,44 @@ class Engine:
             cap = self.blocks.num_blocks * self.blocks.block_size
             raise ValueError(f"sampling.max_tokens: prompt + max_tokens = {total} tokens exceeds the KV cache "
                              f"({cap} tokens)")
+        # top_k is a uint32 on the wire: a client's -1 arrives as 2**32-1. Above the vocabulary it
+        # could only mean "off", which is spelled 0; refusing says so instead of guessing.
+        if params.top_k > self.spec.vocab_size:
+            raise ValueError(f"sampling.top_k: {params.top_k} is more than the vocabulary "
+                             f"({self.spec.vocab_size} tokens); 0 turns top-k off")
 
     def submit(self, req: Request) -> None:
-        """Queue a validated request; QueueFull when the waiting queue is at its limit."""
+        """Queue a validated request. QueueFull when it cannot possibly be admitted; IntakeClosed
+        while shutting down. A request that gets past here may still be refused at the next step
+        (its stream then ends with finish "rejected") when `max_waiting` requests already wait for
+        a running slot or KV blocks: only the engine thread knows what the running pool frees."""
+        if self._closed:
+            raise IntakeClosed("server shutting down: not taking new requests")
         self.validate(req.prompt_ids, req.params)
         with self._pending_lock:
             # the id keys the request's KV blocks, stream and cancel: two live ones cannot share it
             if req.request_id in self._live:
                 raise ValueError(f"request_id: {req.request_id!r} is in use by a request not yet finished")
-            if self.scheduler.num_waiting + self._pending_count >= self.scheduler.max_waiting:
-                raise QueueFull(f"{self.scheduler.max_waiting} requests already waiting")
+            # a cheap upper bound, so a flood cannot grow the inbox: more than running + waiting
+            # can never be admitted (a racing read can let one too many through; the step refuses it)
+            queued = self.scheduler.num_running + self.scheduler.num_waiting + self._pending_count
+            if queued >= self.scheduler.capacity:
+                raise QueueFull(f"{queued} requests running or waiting (limit --max-running "
+                                f"{self.scheduler.max_running} + --max-waiting {self.scheduler.max_waiting})")
             self._pending_count += 1
             self._live.add(req.request_id)
         self._inbox.put(("add", req))
         self._wake.set()
+
+    def close_intake(self) -> None:
+        """From now on submit() raises IntakeClosed; requests already taken run on."""
+        self._closed = True
+
+    @property
+    def idle(self) -> bool:
+        """No request taken and not yet ended."""
+        with self._pending_lock:
+            return not self._live
 
     def cancel(self, req: Request) -> None:
         """End `req` and free its blocks at the next step; a no-op once it has ended. By object, not
@@ -118,6 +147,7 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._drain_inbox()   # requests submitted during the last step get their end too
         for req in list(self._requests.values()):
             self._end(req, "error", error="server shutting down")
 
@@ -145,7 +175,13 @@ class Engine:
                 # never as neither, or it admits one too many and scheduler.add raises QueueFull here
                 with self._pending_lock:
                     self._pending_count -= 1
-                    self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
+                    try:
+                        self.scheduler.add(Sequence(req.request_id, req.prompt_ids, req.params.max_tokens))
+                        full = None
+                    except QueueFull as exc:
+                        full = exc
+                if full is not None:
+                    self._end(req, "rejected", error=f"queue full: {full}")
             elif kind == "cancel":
                 req = item
                 if self._requests.get(req.request_id) is req:

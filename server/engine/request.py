@@ -14,7 +14,7 @@ from server.engine.sampling import SamplingParams
 class Output:
     token_ids: list[int]
     text: str
-    finish: str | None = None        # "length" | "stop" | "eos" | "error" | "cancelled"
+    finish: str | None = None        # "length" | "stop" | "eos" | "error" | "cancelled" | "rejected" (queue full)
     error: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -4,6 +4,11 @@ Pure bookkeeping (no torch, no ray), driven by the engine thread only. Each step
 running sequence's next decode token first, then prompt chunks (chunked prefill) up to the step's
 token budget, so a long prompt never stalls the streams already running. A new request joins at
 the next step when its KV blocks can be reserved; otherwise it waits, first come first served.
+
+Admission: `max_waiting` bounds the sequences that cannot run, not the arrivals between two steps.
+A sequence that the next step admits (a free running slot and free KV blocks for it, behind the
+ones queued before it) never counts as waiting, so a burst into an idle server is admitted up to
+`max_running` plus `max_waiting`.
 """
 from __future__ import annotations
 
@@ -68,10 +73,33 @@ class Scheduler:
         return self.blocks.blocks_for(seq.kv_budget) <= self.blocks.num_blocks
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests waiting (limit {self.max_waiting})")
+        """Queue `seq`; QueueFull when it cannot run at the next step and `max_waiting` sequences
+        already cannot."""
         assert self.fits_ever(seq), seq.seq_id
+        runnable, slots, free = self._runnable()
+        blocked = len(self.waiting) - runnable
+        fits_now = blocked == 0 and slots > 0 and self.blocks.blocks_for(seq.kv_budget) <= free
+        if not fits_now and blocked >= self.max_waiting:
+            raise QueueFull(f"{blocked} requests waiting for a running slot or KV blocks (limit {self.max_waiting})")
         self.waiting.append(seq)
+
+    def _runnable(self) -> tuple[int, int, int]:
+        """How many waiting sequences the next step admits (first come first served, as `_admit`
+        does), and the running slots and KV blocks left after them."""
+        slots = self.max_running - len(self.running)
+        free = self.blocks.num_free
+        n = 0
+        for seq in self.waiting:
+            need = self.blocks.blocks_for(seq.kv_budget)
+            if slots == 0 or need > free:
+                break
+            slots, free, n = slots - 1, free - need, n + 1
+        return n, slots, free
+
+    @property
+    def capacity(self) -> int:
+        """The most sequences queued and running at once: anything beyond is refused for sure."""
+        return self.max_running + self.max_waiting
 
     def cancel(self, seq_id: str) -> bool:
         """Drop a waiting or running sequence and free its blocks. False if unknown."""
