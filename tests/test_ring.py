@@ -161,3 +161,62 @@ def test_server_uses_the_ring_on_its_node_and_gets_the_tcp_tokens(tiny_models, r
     tcp_tokens, tcp_kinds, _ = _generate_tokens(tiny_models["mixtral"], monkeypatch, same_node=False)
     assert tcp_kinds == {"tcp"}
     assert ring_tokens == tcp_tokens and all(len(t) == 8 for t in ring_tokens)
+
+
+@pytest.fixture
+def two_workers():
+    """Two worker processes behind real DataPlaneServers: [(address, secret)] with one secret."""
+    secret = ServerSecret.generate()
+    procs, addresses = [], []
+    try:
+        for i in range(2):
+            parent, child_end = SPAWN.Pipe()
+            child = SPAWN.Process(target=serve_child, args=(child_end, secret, f"emoe-ringtest-{os.getpid()}-two{i}-"))
+            child.start()
+            procs.append((parent, child))
+        for parent, _ in procs:
+            assert parent.poll(60)
+            addresses.append(parent.recv())
+        yield addresses, secret
+    finally:
+        for parent, child in procs:
+            parent.send("stop")
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+
+
+@pytest.mark.parametrize("same_node", [True, False])
+def test_remote_experts_equal_each_tokens_weighted_experts(two_workers, same_node):
+    """The engine's backend over two workers (experts split, expert 3 on both) equals, token by
+    token, the weighted sum of its chosen experts computed alone."""
+    from server.engine.exchange import RemoteExperts, Routing
+
+    addresses, secret = two_workers
+    held = [[0, 1, 2, 3], [3, 4, 5, 6, 7]]
+    routing = Routing.build(1, ["w0", "w1"], [[h] * BOUNDS.num_layers for h in held], BOUNDS.num_layers,
+                            BOUNDS.num_experts)
+    links = {f"w{i}": open_link(f"w{i}", a, secret, same_node) for i, a in enumerate(addresses)}
+    backend = RemoteExperts(routing, links, {10: 0, 11: 1}, BOUNDS.hidden)
+    try:
+        g = torch.Generator().manual_seed(3)
+        for tokens in (1, 5, 32):
+            hidden = torch.randn(tokens, BOUNDS.hidden, generator=g)
+            ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+            ids[::2, 0] = 3   # the replicated expert, on both workers by token index
+            ids[::2, 1] = torch.where(ids[::2, 1] == 3, 4, ids[::2, 1])
+            weights = torch.rand(tokens, 2, generator=g)
+            got = backend.finish(backend.start(11, hidden, ids, weights))
+            want = torch.zeros(tokens, BOUNDS.hidden)
+            for t in range(tokens):
+                for k in range(2):
+                    e = int(ids[t, k])
+                    want[t] += reference(1, hidden[t:t + 1], [e], [1], weights[t, k:k + 1])[0]
+            # rows computed together may round differently from rows alone: close, not bitwise
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        counts = backend.take_expert_counts()
+        assert counts[1].sum() == 2 * (1 + 5 + 32) and counts[1][3] >= 19
+        assert {link.kind for link in links.values()} == {"ring" if same_node else "tcp"}
+    finally:
+        for link in links.values():
+            link.close()

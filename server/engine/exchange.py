@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from experts.wire.dataplane import WorkerLink
+from experts.wire.dataplane import ExchangeLink
 from experts.model.profile import NO_PROFILE, StepProfile
 
 
@@ -57,7 +57,7 @@ class RemoteExperts:
     """The ExpertBackend (experts/model/backend.py) that sends each worker its share of a layer's
     pairs and sums the answers."""
 
-    def __init__(self, routing: Routing, links: Mapping[str, WorkerLink], moe_index: Mapping[int, int],
+    def __init__(self, routing: Routing, links: Mapping[str, ExchangeLink], moe_index: Mapping[int, int],
                  hidden: int, profile: StepProfile = NO_PROFILE) -> None:
         self.profile = profile
         self.routing = routing
@@ -73,32 +73,31 @@ class RemoteExperts:
     def start(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor) -> "_Exchange":
         """Send each worker its pairs of this layer; the workers compute while the caller goes on."""
-        # The routing below runs on every layer of every step over a few dozen pairs: numpy's
-        # per-call cost is a fraction of torch's at these sizes, and the arrays are views.
+        # This runs on every layer of every step over a few dozen pairs: numpy's per-call cost is
+        # a fraction of torch's at these sizes, the arrays are views, and no torch op here may
+        # start a parallel region (on a loaded machine one costs more than the whole exchange).
         l = self.moe_index[layer]
-        a = topk_ids.shape[1]
+        t, a = topk_ids.shape
         num_experts = self.routing.count[l].shape[0]
         ids = topk_ids.numpy().reshape(-1)
         routed = np.bincount(ids, minlength=num_experts)   # summed over the step's micro-batches
         self.expert_counts[l] = self.expert_counts[l] + routed if l in self.expert_counts else routed
-        owner = self.routing.owners(l, ids, a)
-        key = owner * num_experts + ids
+        key = self.routing.owners(l, ids, a) * num_experts + ids
         order = np.argsort(key, kind="stable")            # pairs grouped by (worker, expert)
         sorted_key = key[order]
-        starts = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
-        sizes = np.diff(np.append(starts, len(sorted_key)))
+        starts = _run_starts(sorted_key)
+        sizes = np.diff(starts, append=len(sorted_key))
         groups = sorted_key[starts]
-        tokens = torch.from_numpy(order // a)
-        x = hidden[tokens]                                # one row per pair, grouped
-        weights = topk_weights.float().numpy().reshape(-1)[order]
+        x = hidden[torch.from_numpy(order // a)]          # one row per pair, grouped
+        weights = topk_weights.numpy().reshape(-1)[order] if topk_weights.dtype == torch.float32 \
+            else topk_weights.float().numpy().reshape(-1)[order]
         out = torch.empty(x.shape, dtype=torch.float32)  # the workers' replies land here
         group_owner = groups // num_experts
-        owner_starts = np.flatnonzero(np.concatenate(([True], group_owner[1:] != group_owner[:-1])))
-        owner_ends = np.append(owner_starts[1:], len(groups))
+        owner_starts = _run_starts(group_owner).tolist()
+        pair_starts = starts.tolist() + [len(sorted_key)]
         sent = []
-        for g0, g1 in zip(owner_starts.tolist(), owner_ends.tolist()):
-            p0 = int(starts[g0])
-            p1 = int(starts[g1]) if g1 < len(starts) else len(sorted_key)
+        for g0, g1 in zip(owner_starts, owner_starts[1:] + [len(groups)]):
+            p0, p1 = pair_starts[g0], pair_starts[g1]
             link = self.links[int(group_owner[g0])]
             try:
                 link.send(l, x[p0:p1], groups[g0:g1] % num_experts, sizes[g0:g1], weights[p0:p1])
@@ -106,7 +105,7 @@ class RemoteExperts:
                 _drain(sent, l, out)
                 raise
             sent.append((link, p0, p1 - p0))
-        return _Exchange(l, sent, out, tokens, hidden.shape, hidden.dtype)
+        return _Exchange(l, sent, out, order, t, a, hidden.dtype)
 
     def finish(self, ex: "_Exchange") -> torch.Tensor:
         """Receive the workers' replies of one started exchange and add up each token's rows."""
@@ -120,8 +119,13 @@ class RemoteExperts:
             slowest = max(slowest, link.last_compute_s)
         # the critical path's worker compute; the rest of "experts" is routing and transport
         self.profile.add("expert_ffn_on_worker", slowest)
-        combined = torch.zeros(ex.shape, dtype=torch.float32).index_add_(0, ex.tokens, ex.out)
-        return combined.to(ex.dtype)
+        # back to (token, choice) order, then each token's top-k rows summed in choice order: the
+        # sum's order is the router's, never the placement's, so how experts are spread over
+        # workers cannot change a bit of it (and no scatter-add runs: a gather and a small sum)
+        back = np.empty_like(ex.order)
+        back[ex.order] = np.arange(len(ex.order))
+        pairs = ex.out[torch.from_numpy(back)].view(ex.tokens, ex.top_k, -1)
+        return pairs.sum(dim=1).to(ex.dtype)
 
     def abandon(self, ex: "_Exchange") -> None:
         """A started exchange that will not be finished: read and drop the replies it is owed."""
@@ -135,13 +139,22 @@ class RemoteExperts:
 
 @dataclass
 class _Exchange:
-    """One started exchange: which links owe replies, and where they land."""
+    """One started exchange: which links owe replies, where they land, and the pairs' grouping."""
     layer: int
     sent: list
-    out: torch.Tensor
-    tokens: torch.Tensor
-    shape: torch.Size
+    out: torch.Tensor       # [M, D] float32, pairs grouped by (worker, expert)
+    order: np.ndarray       # [M] grouped position -> flat (token, choice) index
+    tokens: int
+    top_k: int
     dtype: torch.dtype
+
+
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array."""
+    change = np.empty(len(sorted_values), dtype=bool)
+    change[:1] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=change[1:])
+    return np.flatnonzero(change)
 
 
 def _drain(sent: list, layer: int, out: torch.Tensor) -> None:
