@@ -319,12 +319,15 @@ class Server:
             self.autoscaler.stop()
         if self.rebalancer is not None:
             self.rebalancer.stop()
+        if self.engine is not None:
+            # intake first, so nothing reaches an engine that has stopped; the streams still
+            # open then end with UNAVAILABLE "server shutting down", which the grace flushes
+            self.engine.close_intake()
+            self.engine.stop()
         if self.front is not None:
             self.front.stop(grace=2)
         if self.http is not None:
             self.http.stop()
-        if self.engine is not None:
-            self.engine.stop()
         if self.controller is not None:
             self.controller.shutdown()
         unlink_namespace(self.namespace)

@@ -1,0 +1,122 @@
+"""SIGTERM and SIGINT drain: intake stops (a new request is UNAVAILABLE), the stream in flight
+finishes (or, past --shutdown-grace, ends UNAVAILABLE), and `elasticmoe serve` exits 0 with no
+shared-memory segment and no Ray process of its own left. Before, SIGTERM ended in SIGABRT: Ray's
+own SIGTERM handler ran inside the main thread."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from server.api import elasticmoe_pb2 as pb
+from server.api import elasticmoe_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Stream(threading.Thread):
+    """One Generate streamed to its end in the background; what it got and how it ended."""
+
+    def __init__(self, channel: grpc.Channel, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.req = pb.GenerateRequest(prompt_token_ids=[5, 17, 33],
+                                      sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        self.stub = pb_grpc.InferenceStub(channel)
+        self.tokens: list[int] = []
+        self.last: pb.GenerateResponse | None = None
+        self.error: grpc.RpcError | None = None
+        self.first = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for msg in self.stub.Generate(self.req, timeout=180):
+                self.tokens += msg.token_ids
+                self.last = msg
+                self.first.set()
+        except grpc.RpcError as exc:
+            self.error = exc
+        self.first.set()
+
+
+@pytest.mark.parametrize("sig, grace, max_tokens, completes", [
+    (signal.SIGTERM, 60, 120, True),
+    (signal.SIGINT, 60, 120, True),
+    (signal.SIGTERM, 1, 4000, False),     # longer than the grace: cancelled, exit 0 all the same
+], ids=["SIGTERM drains", "SIGINT drains", "SIGTERM past the grace"])
+def test_signal_drains_and_exits_clean(tiny_models, tmp_path, sig, grace, max_tokens, completes):
+    shm = tmp_path / "shm"   # this server's segments only (others' servers share /dev/shm)
+    shm.mkdir()
+    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
+         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2",
+         "--max-model-len", "4096", "--shutdown-grace", str(grace)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        port = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line and serve.poll() is not None:
+                break
+            lines.append(line)
+            found = re.search(r"elasticmoe serving .* on 127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else port
+            if "Ctrl-C stops it" in line:
+                break
+        assert port, "".join(lines[-30:])
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert any("raylet" in p.name() for p in children), [p.name() for p in children]
+        assert os.listdir(shm), "the server made no segment there: the leftover check would prove nothing"
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stream = Stream(channel, max_tokens)
+        assert stream.first.wait(120) and stream.error is None, stream.error
+        serve.send_signal(sig)
+        # intake is closed while the stream drains
+        refused = None
+        deadline = time.monotonic() + 30
+        while refused is None and time.monotonic() < deadline:
+            try:
+                list(pb_grpc.InferenceStub(channel).Generate(stream.req, timeout=10))
+            except grpc.RpcError as exc:
+                refused = exc
+        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+        stream.join(timeout=180)
+        if completes:
+            assert stream.error is None, (stream.error.code(), stream.error.details())
+            assert len(stream.tokens) == max_tokens and stream.last.finish_reason == pb.FINISH_REASON_LENGTH
+        else:
+            assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in stream.error.details()
+        channel.close()
+        out, _ = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.communicate()
+    lines.append(out)
+    assert serve.returncode == 0, "".join(lines)[-3000:]
+    assert "draining" in out and "shutting down" in out, out[-2000:]
+    deadline = time.monotonic() + 30   # Ray's own processes may take a moment to exit
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.5)
+    assert not [p.name() for p in children if _alive(p)], "processes left behind"
+    assert os.listdir(shm) == [], "shared memory left behind"
