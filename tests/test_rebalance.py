@@ -6,8 +6,11 @@ pause longer than twice their steady gap. The pure parts (imbalance figure, hyst
 tested alone below."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -196,3 +199,11 @@ def test_the_window_forgets_load_older_than_itself():
     now[0] = 100.0
     w.add(1, np.array([1, 1, 1, 1]))                  # a slot reused by a later bucket starts at 0
     assert w.load().tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+def test_the_rule_and_the_operation_registry_import_neither_torch_nor_ray():
+    code = ("import sys; import experts.placement.balance, server.control.operations; "
+            "print(sorted(m for m in ('torch', 'ray', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
