@@ -1,7 +1,7 @@
 """Reclaiming shared segments on every node: one small sweeper actor per node, started when needed.
 
 A dead worker cannot unlink what it created, and `/dev/shm` is per node: its segments must be
-removed by a process on its node. After a failover has committed (the survivors have remapped
+removed by a process on its node (the server itself on its own node, else the node's sweeper). After a failover has committed (the survivors have remapped
 what they need), the sweeper on the dead worker's node removes the dead worker's segments that
 the serving topology no longer names. The same actor sweeps namespaces whose owners are all gone
 (a server killed with SIGKILL) when a server starts using that node (memory/owners.py).
@@ -56,8 +56,13 @@ class Sweepers:
     def reclaim(self, node_id: str, worker_id: str, keep: set[str]) -> int:
         """Remove on `node_id` the segments `worker_id` (dead) created, except `keep`; returns the count."""
         try:
-            removed = ray.get(self._on(node_id).reclaim.remote(self.namespace, worker_id, sorted(keep)),
-                              timeout=SWEEP_TIMEOUT_S)
+            if node_id == ray.get_runtime_context().get_node_id():
+                # the server's own node: no actor (a process start takes a core from the streams
+                # for a second, right after a failover)
+                removed = unlink_worker_segments(self.namespace, worker_id, frozenset(keep))
+            else:
+                removed = ray.get(self._on(node_id).reclaim.remote(self.namespace, worker_id, sorted(keep)),
+                                  timeout=SWEEP_TIMEOUT_S)
         except Exception as exc:
             raise RuntimeError(f"reclaiming the segments of lost worker {worker_id} on node {node_id[:12]} "
                                f"failed: {exc}") from exc
