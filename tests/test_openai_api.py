@@ -161,3 +161,36 @@ def test_full_queue_is_429(server, client):
     waiting[0].close()
     # closing the streams cancelled them: the queue serves again
     assert client.completions.create(model=server.config.model, prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
+# ChatML as Qwen's checkpoints write it: block tags on their own lines, so trim_blocks and
+# lstrip_blocks decide the whitespace; loop controls, raise_exception and tojson as real templates use them
+CHATML = """{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('unknown role ' + message['role']) }}
+    {%- endif %}
+    {%- if loop.first and message['role'] != 'system' %}
+<|im_start|>system
+You are helpful.<|im_end|>
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+    {% if message.get('name') %}{{ message['name'] | tojson }}{% endif %}
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+
+
+def test_chat_templates_render_as_transformers_renders_them(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "chatml"
+    shutil.copytree(tiny_models["mixtral"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": CHATML}))
+    ours, theirs = load_chat_template(d), AutoTokenizer.from_pretrained(d)
+    for messages in (MESSAGES, MESSAGES[1:], [{"role": "user", "content": "é 東京 \"q\"", "name": "ann"}]):
+        assert ours.render(messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="unknown role tool"):
+        ours.render([{"role": "tool", "content": "x"}])
