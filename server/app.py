@@ -302,11 +302,11 @@ class Server:
         the rest (UNAVAILABLE "server shutting down")."""
         if self.engine is None:
             return True
+        if self.http is not None:   # first: a request HTTP takes in between would meet a closed intake
+            self.http.set_serving(False)
         self.engine.close_intake()
         if self.front is not None:
             self.front.not_serving()
-        if self.http is not None:
-            self.http.set_serving(False)
         deadline = time.monotonic() + grace_s
         while not self.engine.idle and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -31,7 +31,7 @@ from server.engine.loop import Engine
 from server.engine.request import EngineObserver, Output, Request
 
 log = logging.getLogger(__name__)
-STATUS = {"invalid": 400, "queue_full": 429}
+STATUS = {"invalid": 400, "queue_full": 429, "unavailable": 503}
 KIND = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
         429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 

@@ -8,6 +8,7 @@ refuses too, in the same words. Each API only maps a refusal onto its own codes:
 | ------------ | --------------------- | -------------------- | ---- |
 | ValueError   | invalid               | INVALID_ARGUMENT     | 400  |
 | QueueFull    | rejected              | RESOURCE_EXHAUSTED   | 429  |
+| IntakeClosed | rejected              | UNAVAILABLE          | 503  |
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from server.engine.loop import IntakeClosed
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import QueueFull
 
@@ -34,7 +36,7 @@ class InvalidField(ValueError):
 class Refusal:
     """Why a request never reached the engine, as every API reports it."""
     status: str          # the elasticmoe_requests_total label: "invalid" | "rejected"
-    kind: str            # "invalid" | "queue_full"
+    kind: str            # "invalid" | "queue_full" | "unavailable"
     message: str
     field: str | None    # the request field at fault, when one is
 
@@ -48,6 +50,8 @@ def refusal_of(exc: Exception) -> Refusal | None:
         return Refusal("invalid", "invalid", str(exc), None)
     if isinstance(exc, QueueFull):
         return Refusal("rejected", "queue_full", f"queue full: {exc}", None)
+    if isinstance(exc, IntakeClosed):
+        return Refusal("rejected", "unavailable", str(exc) or "server shutting down", None)
     return None
 
 
