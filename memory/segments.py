@@ -107,10 +107,14 @@ def shm_dir() -> str:
     return os.environ.get(SHM_DIR_ENV) or SHM_DIR
 
 
-def _path(name: str) -> str:
+def segment_path(name: str) -> str:
+    """The file of segment `name` in this process's segment directory (a slot range maps it)."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"segment name must match {_NAME_RE.pattern}, got {name!r}")
     return os.path.join(shm_dir(), name)
+
+
+_path = segment_path
 
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:

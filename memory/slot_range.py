@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from memory.segments import ExpertShape, shm_dir
+from memory.segments import ExpertShape, segment_path
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -133,7 +133,7 @@ class HostSlotRange:
 
     def map(self, slot: int, segment: str) -> None:
         """Map segment file `segment` (a name in `shm_dir()`) over `slot`, replacing what was there."""
-        path = os.path.join(shm_dir(), segment)
+        path = segment_path(segment)   # the name is checked: no path escapes the segment directory
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size

@@ -167,3 +167,40 @@ def test_bad_arguments_are_refused():
                               weights, ids, False, "silu", "")
     with pytest.raises(ValueError, match="one dtype"):
         moe.ref_cpu_fused_moe(out, x.bfloat16(), w13, w2, None, None, weights, ids, False, "silu", "")
+
+
+@needs_ops
+def test_fused_and_reference_experts_serve_the_same_tokens(tiny_models, monkeypatch):
+    """One checkpoint served twice through real Ray workers, once on vLLM's kernel and once on the
+    reference (ELASTICMOE_KERNELS=torch, set before Ray starts: the embedded raylet, and so every
+    worker, inherits the driver's environment); 2 workers, then 3 after a live change. Both give
+    transformers' greedy tokens, and each worker reports the kernel it ran."""
+    import ray
+
+    from server.control import cluster
+    from tests.conftest import generate, running_server
+    from tests.test_parity import NEW_TOKENS, PROMPTS, hf_greedy
+
+    d = tiny_models["mixtral"]
+    expected = [hf_greedy(d, p) for p in PROMPTS]
+    for env, kernel in ((None, "vllm cpu_fused_moe"), ("torch", "pure-torch reference")):
+        if env is None:
+            monkeypatch.delenv(oplib.ENV_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(oplib.ENV_SWITCH, env)
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.connect(None, num_cpus=8)
+        try:
+            with running_server(d, workers=2) as server:
+                for workers in (2, 3):
+                    if workers == 3:
+                        server.scale(3)
+                    live = server.controller._live.values()
+                    ran = {ray.get(w.handle.stats.remote())["kernel"] for w in live}
+                    assert len(ran) == 1 and ran.pop().startswith(kernel), (env, ran)
+                    for prompt, want in zip(PROMPTS, expected):
+                        got = generate(server.channel, prompt, max_tokens=NEW_TOKENS, ignore_eos=True)[0]
+                        assert got == want, f"{kernel} at {workers} workers, prompt of {len(prompt)}"
+        finally:
+            ray.shutdown()

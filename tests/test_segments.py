@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from memory.segments import ExpertSegment, ExpertShape, segment_name, unlink_namespace
+from memory.slot_range import HostSlotRange
 from memory.slots import SlotPool
 
 SPAWN = mp.get_context("spawn")
@@ -311,3 +312,84 @@ def test_slot_pool_readers_never_see_a_half_installed_slot(namespace):
 def test_slot_pool_imports_no_torch():
     code = "import sys, memory.slots; assert 'torch' not in sys.modules, 'slots imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ----- slot range: a layer's slots as one reserved virtual range -----
+
+def _slot_holds(rng: HostSlotRange, slot: int, layer: int, expert: int) -> bool:
+    gate_up, down = expert_weights(layer, expert, rng.shape)
+    return torch.equal(rng.w13[slot], gate_up) and torch.equal(rng.w2[slot], down)
+
+
+@pytest.mark.parametrize("dtype", list(SMALL))
+def test_slot_range_maps_segments_by_value_without_copying(namespace, dtype):
+    shape = SMALL[dtype]
+    segs = {e: ExpertSegment.create(segment_name(namespace, 2, e, "r"), shape) for e in range(5)}
+    for e, seg in segs.items():
+        fill(seg, 2, e)
+    pool, rng = SlotPool(num_layers=3, capacity=4), HostSlotRange(4, shape)
+    try:
+        assert rng.contiguous and rng.w13.is_contiguous() and rng.w2.is_contiguous()
+        for e in (3, 0, 4):
+            rng.map(pool.reserve(2, e), segs[e].name)
+            pool.install(2, e, segs[e])
+        assert all(_slot_holds(rng, pool.slot(2, e), 2, e) for e in pool.experts(2))
+        # the slot is the segment's pages: a write through one mapping shows in the other
+        fill(segs[0], 2, 40)
+        assert _slot_holds(rng, pool.slot(2, 0), 2, 40)
+        rng.w2[pool.slot(2, 4)].copy_(expert_weights(2, 41, shape)[1])
+        assert torch.equal(segs[4].down, expert_weights(2, 41, shape)[1])
+        # release, then the freed slot takes another expert; the other slots keep theirs
+        slot3 = pool.slot(2, 3)
+        pool.release(2, 3)
+        rng.unmap(slot3)
+        assert not rng.mapped(slot3)
+        assert pool.reserve(2, 1) == slot3
+        rng.map(slot3, segs[1].name)
+        pool.install(2, 1, segs[1])
+        assert _slot_holds(rng, slot3, 2, 1) and _slot_holds(rng, pool.slot(2, 0), 2, 40)
+        assert _slot_holds(rng, pool.slot(2, 4), 2, 4) is False   # its down was rewritten to 41
+        with pytest.raises(ValueError, match="slot must be an int"):
+            rng.map(4, segs[2].name)
+        with pytest.raises(ValueError, match="holds"):
+            rng.map(0, ExpertSegment.create(segment_name(namespace, 2, 9, "r"), SMALL[torch.float32]
+                                            if dtype == torch.bfloat16 else ExpertShape(64, 64, dtype)).name)
+    finally:
+        rng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rng.w13
+
+
+def test_unmapped_slot_faults_instead_of_reading_stale_bytes(namespace):
+    """An empty slot is PROT_NONE: reading it kills the reader (SIGSEGV) rather than hand the
+    kernel another expert's bytes. In a child process, since the fault is fatal."""
+    shape = SMALL[torch.float32]
+    seg = ExpertSegment.create(segment_name(namespace, 0, 0, "r"), shape)
+    fill(seg, 0, 0)
+    code = (f"import torch; from memory.segments import ExpertShape; from memory.slot_range import HostSlotRange\n"
+            f"r = HostSlotRange(2, ExpertShape(64, 32, torch.float32)); r.map(1, {seg.name!r})\n"
+            f"print(r.w2[1].sum().item(), flush=True); r.unmap(1); print(r.w2[1].sum().item(), flush=True)\n")
+    env = dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == -11, (done.returncode, done.stderr[-500:])
+    assert float(done.stdout.split()[0]) == expert_weights(0, 0, shape)[1].sum().item()
+    assert len(done.stdout.split()) == 1, "the read after unmap must not return"
+
+
+def test_slot_range_with_page_padded_parts(namespace):
+    """Shapes whose parts are not whole pages: `down` starts at the next page in the segment file,
+    the stacked views are strided, and every slot still reads back by value."""
+    for shape in (ExpertShape(32, 32, torch.bfloat16),     # down: half a page
+                  ExpertShape(24, 20, torch.float32)):     # gate_up: not whole pages either
+        assert shape.down_offset % 4096 == 0 and shape.down_offset >= shape.gate_up_nbytes
+        segs = [ExpertSegment.create(segment_name(namespace, 1, e, f"p{shape.hidden}"), shape) for e in range(3)]
+        for e, seg in enumerate(segs):
+            fill(seg, 1, e)
+        rng = HostSlotRange(3, shape)
+        try:
+            assert not rng.contiguous
+            for e in (2, 0, 1):
+                rng.map(e, segs[e].name)
+            assert all(_slot_holds(rng, e, 1, e) for e in range(3))
+        finally:
+            rng.close()

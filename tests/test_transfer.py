@@ -215,3 +215,63 @@ def test_many_fetches_leak_no_threads_or_fds():
     with pytest.raises(RuntimeError, match="failed after 0 of"):
         client.fetch("s", dest, timeout=5)
     assert _conn_threads() == 0 and not any(t.name.startswith("emoe-transfer") for t in threading.enumerate())
+
+
+# ----- kernel-ready bytes: what workers hold after disk load, peer copy and remap -----
+
+def test_workers_move_packed_bytes_and_compute_from_them(tiny_models, namespace):  # noqa: F811
+    """Worker A loads experts from disk (packed once, for its kernel); B copies them from A, C
+    remaps A's segments. Every slot of every worker holds, by value, the kernel's packing of that
+    expert's checkpoint weights, and B's outputs equal the reference over the plain weights."""
+    from experts.kernels.ffn import run_grouped
+    from experts.kernels.moe import VllmCpuMoE, select_kernel
+    from experts.model.checkpoint import Checkpoint
+    from experts.model.spec import load_spec
+    from experts.wire.config import WireConfig
+    from experts.worker.actor import ExpertWorker, Incoming
+
+    d = tiny_models["mixtral"]
+    spec, ck, wire = load_spec(d), Checkpoint(d), WireConfig.generate()
+    kernel = select_kernel(spec.hidden, spec.expert_intermediate, torch.float32).kernel
+
+    def plain(layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, down = ck.expert(spec, spec.moe_layers[layer], e)
+        return torch.cat([gate, up]), down
+
+    def packed(layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for w in plain(layer, e):
+            p = torch.empty_like(w.unsqueeze(0))
+            kernel.prepack(w.unsqueeze(0), p)
+            out.append(p[0])
+        return out[0], out[1]
+
+    def holds_packed(w: ExpertWorker, layer: int, e: int) -> bool:
+        slot, (gate_up, down) = w.pool.slot(layer, e), packed(layer, e)
+        return torch.equal(w.ranges[layer].w13[slot], gate_up) and torch.equal(w.ranges[layer].w2[slot], down)
+
+    workers = {k: ExpertWorker(k, namespace, str(d), spec, LOOPBACK, node_id="n", capacity=6, wire=wire)
+               for k in ("a", "b", "c")}
+    a, b, c = workers["a"], workers["b"], workers["c"]
+    try:
+        held = [(0, 5), (0, 2), (1, 7), (1, 0), (1, 3)]
+        got = a.receive([Incoming(layer, e, "disk") for layer, e in held])
+        assert got.bytes_loaded == len(held) * a.shape.nbytes
+        b.receive([Incoming(layer, e, "peer", got.segments[layer, e], a.transfer.address) for layer, e in held[1:]])
+        c.receive([Incoming(layer, e, "remap", got.segments[layer, e]) for layer, e in held[:3]])
+        for w, mine in ((a, held), (b, held[1:]), (c, held[:3])):
+            assert all(holds_packed(w, layer, e) for layer, e in mine), w.worker_id
+        if isinstance(kernel, VllmCpuMoE):
+            assert not torch.equal(a.ranges[0].w13[a.pool.slot(0, 5)], plain(0, 5)[0]), "bytes are packed"
+        # A lets go of (0, 5); C's remapped slot keeps the bytes (the mapping outlives the name)
+        a.release([(0, 5)], [True])
+        assert holds_packed(c, 0, 5)
+        # B computes from its packed slots what the reference computes from the plain weights
+        g = torch.Generator().manual_seed(3)
+        x, weights = torch.randn(9, spec.hidden, generator=g), torch.rand(9, generator=g)
+        want = run_grouped(1, x.clone(), [0, 3, 7], [4, 1, 4], weights.clone(), plain)
+        out = b._compute(1, x, [0, 3, 7], [4, 1, 4], weights)
+        assert (out - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    finally:
+        for w in workers.values():
+            w.stop()

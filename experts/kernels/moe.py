@@ -165,6 +165,42 @@ class TorchMoE:
         ref_cpu_fused_moe(output, input, w13, w2, None, None, topk_weights, topk_id, skip_weighted, "silu", "")
 
 
+class StackedExperts(Protocol):
+    """Experts stacked by slot, as a slot range (memory/slot_range.py) exposes them."""
+
+    @property
+    def contiguous(self) -> bool: ...
+
+    @property
+    def w13(self) -> torch.Tensor: ...   # [S, 2I, D]
+
+    @property
+    def w2(self) -> torch.Tensor: ...    # [S, D, I]
+
+
+def run_slots(kernel: MoEKernel, experts: StackedExperts, x: torch.Tensor, slots: list[int], counts: list[int],
+              weights: torch.Tensor) -> torch.Tensor:
+    """x [M, D] grouped by slot; slots, counts [G]; weights [M] -> weighted outputs [M, D], float32.
+
+    Each pair is one row with top-1 = its slot, unweighted (skip_weighted): the kernel writes it in
+    the model dtype, as F.linear of that row alone would, and a row's result does not depend on the
+    other rows (tested bitwise), so how experts are spread over workers cannot change it. The
+    router weight is applied here in float32, and the engine sums in float32."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    w = weights.float().unsqueeze(1)
+    if experts.contiguous:
+        ids = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(counts))
+        kernel.fused_moe(out, x, experts.w13, experts.w2, w, ids.unsqueeze(1), True)
+    else:   # page-padded slots: the stacked view is strided, so one slot (a contiguous [1, ...]) at a time
+        start = 0
+        for s, n in zip(slots, counts):
+            kernel.fused_moe(out[start:start + n], x[start:start + n], experts.w13[s:s + 1], experts.w2[s:s + 1],
+                             w[start:start + n], torch.zeros((n, 1), dtype=torch.int32), True)
+            start += n
+    return out.float().mul_(w)
+
+
 @dataclass(frozen=True)
 class KernelChoice:
     kernel: MoEKernel

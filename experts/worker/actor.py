@@ -24,7 +24,7 @@ from experts.model.checkpoint import Checkpoint
 from experts.wire.config import WireConfig
 from experts.wire.dataplane import DataPlaneServer
 from experts.wire.messages import ExchangeBounds
-from experts.kernels.moe import MoEKernel, select_kernel
+from experts.kernels.moe import MoEKernel, run_slots, select_kernel
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
 from memory.owners import claim_namespace
@@ -110,27 +110,7 @@ class ExpertWorker:
             torch.set_num_threads(self.threads)
             self._compute_threads.add(threading.get_ident())
         with torch.inference_mode():
-            return self._fused(self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights)
-
-    def _fused(self, rng: HostSlotRange, x: torch.Tensor, slots: list[int], counts: list[int],
-               weights: torch.Tensor) -> torch.Tensor:
-        # Each pair is one row with top-1 = its slot, unweighted (skip_weighted): the kernel writes
-        # it in the model dtype, as F.linear of that row alone would, and a row's result does not
-        # depend on the other rows (tested bitwise), so how experts are spread over workers cannot
-        # change it. The router weight is applied here in float32, and the engine sums in float32.
-        x = x.contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype)
-        ids = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(counts))
-        w = weights.float().unsqueeze(1)
-        if rng.contiguous:
-            self.kernel.fused_moe(out, x, rng.w13, rng.w2, w, ids.unsqueeze(1), True)
-        else:   # page-padded slots: the stacked view is strided, so one slot (a contiguous [1, ...]) at a time
-            start, zero = 0, torch.zeros((1, 1), dtype=torch.int32)
-            for s, n in zip(slots, counts):
-                self.kernel.fused_moe(out[start:start + n], x[start:start + n], rng.w13[s:s + 1], rng.w2[s:s + 1],
-                                      w[start:start + n], zero.expand(n, 1).contiguous(), True)
-                start += n
-        return out.float().mul_(w)
+            return run_slots(self.kernel, self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights)
 
     def _segment_bytes(self, name: str) -> memoryview | None:
         seg = self._by_name.get(name)
@@ -253,6 +233,7 @@ class ExpertWorker:
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
+                "kernel": self.kernel.name, "threads": self.threads,
                 "slots": self.pool.snapshot()}
 
     def stop(self) -> None:

@@ -10,6 +10,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from server.bench.decode import run
     elif args.which == "scaling":
         from server.bench.scaling import run
+    elif args.which == "kernels":
+        from server.bench.kernels import run
     elif args.which == "http":
         from server.bench.http import run
     else:
