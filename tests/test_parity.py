@@ -2,8 +2,17 @@
 real gRPC and real Ray workers; and one forward pass's float32 logits match within 1e-4."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
+import grpc
 import pytest
 import torch
 
@@ -14,7 +23,8 @@ from experts.model.kv_cache import KVCache
 from experts.model.local_experts import LocalExperts
 from experts.model.spec import load_spec
 from server.engine.step import ModelRunner, StepInput
-from tests.conftest import FAMILIES, generate, running_server
+from experts.model.demo import write_demo_model
+from tests.conftest import FAMILIES, TINY, generate, running_server
 
 PROMPTS = ([5, 17, 33], [100, 7, 9, 11, 250, 3, 44, 61, 8, 19, 27], list(range(40, 90)))
 NEW_TOKENS = 32
@@ -91,3 +101,65 @@ def test_overlapped_micro_batches_give_the_same_tokens(tiny_models, ray_local, f
         assert generate(server.channel, PROMPTS[1], max_tokens=NEW_TOKENS, ignore_eos=True)[0] == expected[1]
         routed = server.engine.expert_load.sum()
         assert routed > 0
+
+
+# head_dim 32 (TINY's is 16, which vLLM's CPU attention does not tile): a shape its kernels serve
+KERNEL_SHAPE = dataclasses.replace(TINY, hidden=128, heads=4, kv_heads=2)
+ATTENTION_LOG = {"default": "attention: vLLM CPU kernels", "torch": "attention: pure-torch reference"}
+
+
+@contextlib.contextmanager
+def served(model_dir, env: dict[str, str], log_path) -> Iterator[grpc.Channel]:
+    """`elasticmoe serve` in its own process (the attention path is chosen once per process),
+    2 workers, its log in `log_path`; the channel once it is SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from server.bench.common import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--workers", "2",
+           "--port", str(port), "--metrics-port", "-1", "--ray-num-cpus", "4"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            assert time.monotonic() < deadline, "server not SERVING in 300 s"
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        yield channel
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)   # the group this test started: server, Ray, workers
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_vllm_and_torch_attention_give_transformers_tokens(tmp_path, family):
+    """The same checkpoint served twice: vLLM's CPU attention (the default) and the pure-torch path
+    (ELASTICMOE_KERNELS=torch). Concurrent streams mix prefill and decode of ragged lengths in one
+    step; every stream's greedy tokens equal transformers' on both, and each log names its path."""
+    d = write_demo_model(tmp_path / family, family, seed=7, shape=KERNEL_SHAPE)
+    assert load_spec(d).head_dim == 32
+    expected = [hf_greedy(d, p) for p in PROMPTS]
+    base = {k: v for k, v in os.environ.items() if k != "ELASTICMOE_KERNELS"}
+    for path, env in (("default", base), ("torch", dict(base, ELASTICMOE_KERNELS="torch"))):
+        log_path = tmp_path / f"{path}.log"
+        with served(d, env, log_path) as channel:
+            with ThreadPoolExecutor(6) as pool:
+                futs = [pool.submit(generate, channel, p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS * 2]
+                for fut, want in zip(futs, expected * 2):
+                    assert fut.result()[0] == want, f"{family}, {path} attention"
+        assert ATTENTION_LOG[path] in log_path.read_text(), f"{path}: the server did not log its attention path"
