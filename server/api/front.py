@@ -47,38 +47,67 @@ def admin_address(c: ServerConfig) -> str | None:
     return f"127.0.0.1:{c.port + 1 if c.port else 0}"
 
 
-class ActiveContext:
-    """grpc.aio hands plain (non-async) handlers a context without `is_active()`; Admin's
-    streaming handlers poll it to notice a client that went away."""
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self._context = context
+
+class StreamContext:
+    """What a plain (non-async) server-streaming handler gets as its context: `is_active()`, false
+    once the client cancelled or the server stops, and `abort()`. grpc.aio runs such handlers in
+    its thread pool with a context that has no `is_active()`, so a handler that polls it (Admin's
+    WatchOperations) would never notice that its client went away and hold a thread for good."""
+
+    def __init__(self) -> None:
         self._ended = threading.Event()
-        context.add_callback(self._ended.set)
 
     def is_active(self) -> bool:
         return not self._ended.is_set()
 
-    def __getattr__(self, name: str):   # everything else is the context's own
-        return getattr(self._context, name)
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+    def end(self) -> None:
+        self._ended.set()
 
 
-class PlainHandlers(grpc.aio.ServerInterceptor):
-    """Gives the plain handlers of `service` an `ActiveContext`."""
+_DONE = object()
 
-    def __init__(self, service: str) -> None:
+
+class PlainStreams(grpc.aio.ServerInterceptor):
+    """Runs the plain server-streaming handlers of `service` from a coroutine: each next message
+    is computed in `pool`, and a client cancel or a server stop (which cancel the coroutine) ends
+    the handler's `StreamContext`."""
+
+    def __init__(self, service: str, pool: ThreadPoolExecutor) -> None:
         self._prefix = f"/{service}/"
+        self._pool = pool
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         h = await continuation(details)
-        if h is None or not details.method.startswith(self._prefix):
+        if h is None or not details.method.startswith(self._prefix) or h.unary_stream is None \
+                or inspect.isasyncgenfunction(h.unary_stream):
             return h
-        args = (h.request_deserializer, h.response_serializer)
-        if h.unary_unary and not asyncio.iscoroutinefunction(h.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(lambda r, c, f=h.unary_unary: f(r, ActiveContext(c)), *args)
-        if h.unary_stream and not inspect.isasyncgenfunction(h.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(lambda r, c, f=h.unary_stream: f(r, ActiveContext(c)), *args)
-        return h
+        plain, pool = h.unary_stream, self._pool
+
+        async def stream(request: object, context: grpc.aio.ServicerContext):
+            ctx = StreamContext()
+            loop = asyncio.get_running_loop()
+            messages = plain(request, ctx)
+            try:
+                while True:
+                    try:
+                        msg = await loop.run_in_executor(pool, next, messages, _DONE)
+                    except _Aborted as exc:
+                        await context.abort(exc.code, exc.details)
+                    if msg is _DONE:
+                        return
+                    yield msg
+            finally:
+                ctx.end()   # the handler's thread, if inside it, returns at its next is_active()
+
+        return grpc.unary_stream_rpc_method_handler(stream, h.request_deserializer, h.response_serializer)
 
 
 class GrpcFront:
@@ -106,7 +135,7 @@ class GrpcFront:
     def _server(self, services: tuple[str, ...]) -> grpc.aio.Server:
         c = self.config
         # the credential check first: a refused call reaches nothing else
-        interceptors = ([AdminAuth(c.admin_token)] if c.admin_token else []) + [PlainHandlers(ADMIN)]
+        interceptors = ([AdminAuth(c.admin_token)] if c.admin_token else []) + [PlainStreams(ADMIN, self._pool)]
         server = grpc.aio.server(migration_thread_pool=self._pool, interceptors=interceptors,
                                  options=[("grpc.so_reuseport", 0)])
         if INFERENCE in services:
