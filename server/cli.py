@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
         slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
-        worker_timeout_s=args.worker_timeout,
+        worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token,
         admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace)
     server = Server(config)
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this many seconds between two automatic rebalances")
     s.add_argument("--worker-timeout", type=float, default=5.0,
                    help="seconds a worker may take to answer one exchange before it counts as lost")
+    s.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra replicas per MoE layer of the hottest experts (a lost worker is then rerouted)")
     s.add_argument("--overlap", action="store_true",
                    help="split each step in two micro-batches: attention of one runs while workers run the other's experts")
     s.add_argument("--tls-cert", default=None, help="server certificate PEM: every gRPC port speaks TLS")

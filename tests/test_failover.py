@@ -199,3 +199,38 @@ def test_a_worker_killed_after_the_commit_of_a_scale_is_no_abort(tiny_models, ra
         traffic.finish()
         assert len(server.controller.topology.workers) == 3
         served_equals_reported(server)
+
+
+def test_redundant_experts_make_a_loss_a_reroute_without_moves():
+    from experts.placement.planner import plan_placement
+    from server.control.failover import reroute
+
+    nodes = {"w1": "n", "w2": "n", "w3": "n"}
+    full = plan_placement(None, ["w1", "w2"], nodes, 2, 8, 8, redundant=8).placement
+    assert all(full.held_by(w) == (tuple(range(8)),) * 2 for w in ("w1", "w2")), "every expert on both"
+    plan = reroute(full, {"w2"})
+    assert plan is not None and plan.moves == () and plan.placement.workers == ("w1",)
+    some = plan_placement(None, ["w1", "w2", "w3"], nodes, 2, 8, 8, redundant=3).placement
+    assert all(sum(len(some.held_by(w)[l]) for w in some.workers) == 8 + 3 for l in range(2))
+    single = plan_placement(None, ["w1", "w2"], nodes, 2, 8, 8).placement
+    assert reroute(single, {"w2"}) is None, "without replicas the lost experts must be placed again"
+
+
+def test_a_loss_with_live_replicas_is_rerouted(tiny_models, ray_local):
+    with running_server(tiny_models["mixtral"], workers=2, redundant_experts=8) as server:
+        expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
+        topo = server.controller.topology
+        v0, (survivor, victim) = topo.version, topo.placement.workers
+        held = topo.placement.held_by(survivor)
+        assert held == topo.placement.held_by(victim), "every expert has a replica on each worker"
+        traffic = GapTraffic(server.channel, expected)
+        wait_for(lambda: traffic.done >= 2, 60, "traffic")
+        os.kill(topo.workers[victim].pid, signal.SIGKILL)
+        wait_for(lambda: server.controller.topology.version > v0, 60, "failover")
+        rerouted = server.controller.topology
+        assert rerouted.version == v0 + 1 and rerouted.placement.workers == (survivor,)
+        assert rerouted.placement.held_by(survivor) == held, "nothing moved: the survivor serves its replicas"
+        assert server.failover.wait_idle(120)
+        traffic.finish()
+        assert len(server.controller.topology.workers) == 2
+        served_equals_reported(server)

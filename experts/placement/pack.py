@@ -87,15 +87,17 @@ class Band:
         return Band(mean - a - tol, limit, mean, tol)
 
 
-def replicate(row: Sequence[float] | None, E: int, W: int, S: int, hot: bool) -> Items:
+def replicate(row: Sequence[float] | None, E: int, W: int, S: int, hot: bool, redundant: int = 0) -> Items:
     """[E] routed-token counts (None or all zero: uniform) -> Items. With ``hot``, the W*S - E spare
     slots go, one at a time, to the expert hottest per replica while it exceeds HOT_FACTOR x the
-    mean expert load; replicas never share a worker, so an expert has at most W."""
+    mean expert load; replicas never share a worker, so an expert has at most W. The first
+    ``redundant`` spare slots (vLLM's num_redundant_experts) take a replica whatever the load: a
+    lost worker's experts then have live copies to reroute to."""
     a = [float(x) for x in row] if row is not None and math.fsum(row) > 0 else [1.0] * E
     counts, threshold = [1] * E, HOT_FACTOR * math.fsum(a) / E
-    for _ in range(W * S - E if hot else 0):
+    for i in range(W * S - E if hot else min(redundant, W * S - E)):
         e = max((e for e in range(E) if counts[e] < W), key=lambda e: (a[e] / counts[e], -e), default=None)
-        if e is None or a[e] / counts[e] <= threshold:
+        if e is None or (i >= redundant and a[e] / counts[e] <= threshold):
             break
         counts[e] += 1
     return Items(tuple(a[e] / counts[e] for e in range(E)), tuple(counts), S)

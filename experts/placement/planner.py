@@ -21,7 +21,8 @@ __all__ = ["HOT_FACTOR", "SLACK", "Move", "Placement", "Plan", "diff", "plan_pla
 
 def plan_placement(current: Placement | None, workers: Sequence[str], nodes: Mapping[str, str],
                    num_layers: int, num_experts: int, slots_per_worker: int,
-                   load: Sequence[Sequence[float]] | None = None, replicate_hot: bool = False) -> Plan:
+                   load: Sequence[Sequence[float]] | None = None, replicate_hot: bool = False,
+                   redundant: int = 0) -> Plan:
     """Place L x E logical experts on the target workers, S slots each per layer; list the moves.
 
     current: the placement serving now, or None at start-up (everything is read from disk).
@@ -29,15 +30,20 @@ def plan_placement(current: Placement | None, workers: Sequence[str], nodes: Map
     nodes: worker id -> node id, for every current and target worker.
     load: [L][E] routed-token counts; None, or a layer without load, counts as uniform.
     replicate_hot: spare slots (W*S > E) may hold extra replicas of hot experts.
+    redundant: this many spare slots per layer hold replicas of the hottest experts whatever their
+    load (as many as the spare slots and W allow).
     Returns a Plan whose placement is [W][L] -> experts, each layer within pack.py's band.
     Raises ValueError, quoting the bad value, for impossible or malformed input.
     """
     targets, S = tuple(workers), slots_per_worker
     old = current if current is not None else Placement((), ())
     _validate(old, targets, nodes, num_layers, num_experts, S, load)
+    if isinstance(redundant, bool) or not isinstance(redundant, int) or redundant < 0:
+        raise ValueError(f"redundant must be an int >= 0, got {redundant!r}")
     per_layer = []  # [L][W] -> experts
     for l in range(num_layers):
-        items = replicate(load[l] if load is not None else None, num_experts, len(targets), S, replicate_hot)
+        items = replicate(load[l] if load is not None else None, num_experts, len(targets), S, replicate_hot,
+                          redundant)
         affinity = Affinity(
             held=tuple(frozenset(old.held_by(w)[l]) if w in old.workers else frozenset() for w in targets),
             node=tuple(nodes[w] for w in targets),

@@ -52,7 +52,7 @@ class Controller:
                  resources: WorkerResources = WorkerResources(), slots_per_worker: int = 0,
                  standby: int = 0, prepare_timeout: float = 300.0,
                  expert_load: Callable[[], list[list[float]] | None] = lambda: None,
-                 replicate_hot: bool = False, worker_timeout: float = 60.0, wire: WireConfig | None = None) -> None:
+                 replicate_hot: bool = False, worker_timeout: float = 60.0, redundant_experts: int = 0, wire: WireConfig | None = None) -> None:
         self.spec = spec
         self.model_dir = model_dir
         self.namespace = namespace
@@ -64,6 +64,7 @@ class Controller:
         self.expert_load = expert_load
         self.replicate_hot = replicate_hot
         self.worker_timeout = worker_timeout   # per exchange: a worker silent this long is lost
+        self.redundant_experts = redundant_experts   # replicas per layer kept whatever the load (reroute on loss)
         self.wire = wire or WireConfig.generate()   # the per-server secret, handed to each worker it starts
         self.target_workers = 0                # the count the operator asked for last (a loss restores it)
         self.sweepers = Sweepers(namespace)
@@ -183,7 +184,8 @@ class Controller:
         if plan is None:
             plan = plan_placement(old.placement if old else None, target, nodes,
                                   len(self.spec.moe_layers), self.spec.num_experts, self.slots,
-                                  load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot)
+                                  load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot,
+                                  redundant=self.redundant_experts)
             if lost:
                 plan = sources_without(plan, old.placement, lost, nodes)
         parts["plan"] = time.perf_counter() - t1
