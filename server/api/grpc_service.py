@@ -147,6 +147,11 @@ class InferenceServicer:
                 return
 
 
+def _planned(op: Operation | None) -> bool:
+    """Readers see an operation once it is planned: one refused before that never existed."""
+    return op is not None and op.phase != ""
+
+
 class Changes(Protocol):
     """What Admin asks of the server to change the topology (server/app.py's `Server`)."""
 
@@ -193,7 +198,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
         op = self.operations.get(request.operation_id)
-        if op is None:
+        if not _planned(op):
             context.abort(grpc.StatusCode.NOT_FOUND, f"operation_id {request.operation_id!r}: no such operation "
                                                      f"(unknown, or older than the last {self.operations.history})")
         return operation_to_proto(op, self._topology)
@@ -201,7 +206,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def ListOperations(self, request: pb.ListOperationsRequest,
                        context: grpc.ServicerContext) -> pb.ListOperationsResponse:
         return pb.ListOperationsResponse(operations=[operation_to_proto(op, self._topology)
-                                                     for op in self.operations.recent()])
+                                                     for op in self.operations.recent() if _planned(op)])
 
     def WatchOperations(self, request: pb.WatchOperationsRequest,
                         context: grpc.ServicerContext) -> Iterator[pb.Operation]:
@@ -210,14 +215,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         reg, op_id = self.operations, request.operation_id
         if op_id:
             op = reg.get(op_id)
-            if op is None:
+            if not _planned(op):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"operation_id {op_id!r}: no such operation")
             seen = -1
             while context.is_active():
                 op = reg.get(op_id)
                 if op is None:   # dropped from the history while we watched (a very long watch)
                     return
-                if op.seq != seen:
+                if op.seq != seen and _planned(op):
                     seen = op.seq
                     yield operation_to_proto(op, self._topology)
                 if op.final:
@@ -227,9 +232,10 @@ class AdminServicer(pb_grpc.AdminServicer):
             return
         after = reg.seq
         for op in reg.recent():
-            if not op.final:
+            if _planned(op) and not op.final:
                 yield operation_to_proto(op, self._topology)
         while context.is_active():
             ops, after = reg.updates(after, timeout=1.0)
             for op in ops:
-                yield operation_to_proto(op, self._topology)
+                if _planned(op):
+                    yield operation_to_proto(op, self._topology)
