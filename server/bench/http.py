@@ -37,12 +37,19 @@ def _profile(exe: str, model: str, url: str, out: Path, concurrency: int, reques
            "--tokenizer", model, "--concurrency", str(concurrency), "--request-count", str(requests),
            "--synthetic-input-tokens-mean", str(input_tokens), "--synthetic-input-tokens-stddev", "0",
            "--output-tokens-mean", str(output_tokens), "--output-tokens-stddev", "0",
-           "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(out), "--ui-type", "none"]
-    # offline: the tokenizer is a local directory; no hub look-up may be tried
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+           "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(out), "--ui-type", "none",
+           # our /v1/completions takes max_tokens as OpenAI's does; nothing here to scrape for GPUs
+           "--use-legacy-max-tokens", "--no-server-metrics", "--no-gpu-telemetry",
+           # tokens as the server counted them (usage): re-tokenizing streamed text with a byte-level
+           # BPE merges pieces and undercounts
+           "--use-server-token-count"]
+    # Offline without HF_HUB_OFFLINE: aiperf (0.13) takes that as "look the name up in the hub
+    # cache" and fails on a directory path, while a directory path alone is loaded from disk with
+    # no hub call at all (it tests for a local path first).
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"aiperf failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        said = (done.stdout + done.stderr).strip()
+        raise RuntimeError(f"aiperf failed ({done.returncode}): {said[-3000:]}")
     found = sorted(out.rglob("profile_export_aiperf.json"))
     if not found:
         raise RuntimeError(f"aiperf wrote no profile_export_aiperf.json under {out}")
