@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=_operations)
 
     b = sub.add_parser("bench", help="benchmarks: decode, scaling, kernels")
-    b.add_argument("which", choices=["decode", "scaling", "kernels", "http"])
+    b.add_argument("which", choices=["decode", "scaling", "kernels", "http", "chaos"])
     b.add_argument("--model", required=True)
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG plot here")
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-len", type=int, default=512, help="decode: prompt length of the prefill row (0: none)")
     b.add_argument("--threads", type=int, default=2, help="kernels: OpenMP threads")
     b.add_argument("--repeat", type=int, default=200, help="kernels: timed calls per cell")
+    b.add_argument("--minutes", type=float, default=10.0, help="chaos: how long the driver breaks things")
+    b.add_argument("--clients", type=int, default=6, help="chaos: concurrent streaming clients")
     b.set_defaults(func=_bench)
     return p
 

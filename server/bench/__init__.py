@@ -17,3 +17,5 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"unknown benchmark {args.which!r}")
     return run(args)
+    elif args.which == "chaos":
+        from server.bench.chaos import run

@@ -203,12 +203,19 @@ class Controller:
         for j in joining:
             self._live[j.info.worker_id] = j
         on_phase("committing")
-        self.engine_commit(self._backend(new))
+        warnings: list[str] = []
+        try:
+            self.engine_commit(self._backend(new))
+        except Exception as exc:
+            # the new version waits in the engine's inbox and is taken at its next turn (a step
+            # stuck on a hung worker ends at --worker-timeout): it is the topology either way, so
+            # GetTopology keeps saying what the engine serves
+            warnings.append(f"the engine was slow to take v{new.version}: {exc}")
+            log.warning("topology v%d committed; %s", new.version, warnings[-1])
         self.topology = new
         parts["commit"] = time.perf_counter() - t3
         t4 = time.perf_counter()
         on_phase("releasing")
-        warnings = []
         try:   # committed: whatever fails from here on is a warning, never an abort
             self._release(plan, segments, new, [w for w in current_ids if w not in target])
         except Exception as exc:
