@@ -82,7 +82,8 @@ class ExpertWorker:
         self.pool = SlotPool(len(self.spec.moe_layers), capacity or self.spec.num_experts)
         choice = select_kernel(self.spec.hidden, self.spec.expert_intermediate, self.shape.dtype)
         self.kernel: MoEKernel = choice.kernel
-        log.info("worker %s: experts on %s (%s), %d threads", worker_id, self.kernel.name, choice.reason, self.threads)
+        log.info("worker %s: experts on %s (%s), %d threads, OMP_WAIT_POLICY=%s", worker_id, self.kernel.name,
+                 choice.reason, self.threads, os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)"))
         self.ranges = [HostSlotRange(self.pool.capacity, self.shape) for _ in self.spec.moe_layers]
         self._compute_threads: set[int] = set()
         self.node_id = node_id or _ray_node_id()

@@ -11,6 +11,9 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.which == "scaling":
         from server.bench.scaling import run
     elif args.which == "kernels":
+        from server.engine.threads import passive_openmp
+
+        passive_openmp()   # as in a worker: OpenMP sleeps between calls (set before torch loads)
         from server.bench.kernels import run
     elif args.which == "http":
         from server.bench.http import run

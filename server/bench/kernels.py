@@ -138,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
         kernels[name] = f"{choice.kernel.name} ({choice.reason})"
         say(f"{name}: {kernels[name]}")
         rows += _bench_dtype(layer, DTYPES[name], choice.kernel, batches, getattr(args, "repeat", 200))
+    policy = os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)")
     say(f"one MoE layer: hidden {layer.hidden}, {layer.experts} experts top-{layer.top_k}, intermediate "
-        f"{layer.intermediate}; {threads} threads; median ms per layer")
+        f"{layer.intermediate}; {threads} threads, OMP_WAIT_POLICY={policy}; median ms per layer")
     print_table(["dtype", "tokens", "run_grouped ms", "fused ms", "speedup", "max |diff|"],
                 [[r["dtype"], r["tokens"], r["run_grouped_ms"], r["fused_ms"], r["speedup"], f"{r['max_abs_diff']:.1e}"]
                  for r in rows])
-    write_json(args.json, {"layer": layer.__dict__, "threads": threads, "kernels": kernels, "results": rows})
+    write_json(args.json, {"layer": layer.__dict__, "threads": threads, "omp_wait_policy": policy, "kernels": kernels,
+                           "results": rows, "load_average": os.getloadavg()})
     if args.plot:
         _plot(rows, args.plot)
     return 0

@@ -41,7 +41,10 @@ def connect(address: str | None, num_cpus: int | None = None, node_ip: str = "12
     # which the embedded raylet passes on, rather than as a runtime_env: a job-level runtime_env
     # stops Ray from handing a new actor one of its prestarted worker processes, which costs a
     # scale-up a whole Python start.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # the default only: workers set theirs from Ray's CPU grant
+    # Workers and engine take turns on the cores: an idle OpenMP thread must sleep, not spin (one
+    # MoE layer every 3 ms on a loaded 2-core machine: 0.7 s CPU passive against 6 s spinning)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Ray starts worker processes at niceness 15. That suits the start of a new expert worker (its
     # Python and torch imports then yield the CPU to the streams being served), but once serving,
     # a worker is on every step's critical path: it raises itself back to 0 at the end of its
