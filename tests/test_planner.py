@@ -348,6 +348,17 @@ def test_replicate_gives_spare_slots_to_the_hottest_per_replica() -> None:
     assert pack.replicate([0, 0, 0, 0], 4, 3, 2, hot=True).p == (1.0,) * 4   # no load: uniform
 
 
+def test_redundant_slots_take_a_replica_whatever_the_load() -> None:
+    # uniform load: nothing is hot, yet one redundant slot replicates expert 0 (ties: lowest id)
+    assert pack.replicate([1, 1, 1, 1], E=4, W=2, S=3, hot=False, redundant=1).counts == (2, 1, 1, 1)
+    assert pack.replicate([1, 1, 1, 1], E=4, W=2, S=3, hot=True, redundant=1).counts == (2, 1, 1, 1)
+    assert pack.replicate([1, 1, 1, 1], E=4, W=2, S=3, hot=False, redundant=5).counts == (2, 2, 1, 1)  # 2 spare
+    plan = plan_placement(None, ["a", "b"], ONE_NODE, 1, 4, 3, redundant=1)
+    assert plan.placement.holders(0, 0) == ("a", "b")
+    with pytest.raises(ValueError, match="-1"):
+        plan_placement(None, ["a", "b"], ONE_NODE, 1, 4, 3, redundant=-1)
+
+
 def test_pack_fills_least_loaded_first_and_falls_back_to_dealing() -> None:
     items = pack.Items((5.0, 4.0, 3.0, 3.0, 1.0), (1,) * 5, slots=3)
     assert pack.pack(items, 2) == [[0, 3], [1, 2, 4]]                   # 5+3 = 8 = 4+3+1
