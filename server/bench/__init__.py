@@ -17,8 +17,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from server.bench.kernels import run
     elif args.which == "http":
         from server.bench.http import run
+    elif args.which == "chaos":
+        from server.bench.chaos import run
     else:
         raise ValueError(f"unknown benchmark {args.which!r}")
     return run(args)
-    elif args.which == "chaos":
-        from server.bench.chaos import run
