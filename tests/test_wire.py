@@ -327,3 +327,18 @@ def test_transfer_port_refuses_an_unproven_fetch():
         assert server.refused == 2
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("ids,counts,why", [([1, 1], [2, 2], "not distinct experts"), ([1, 9], [2, 2], "not distinct"),
+                                            ([-1, 2], [2, 2], "not distinct"), ([1, 2], [3, 2], "do not add up"),
+                                            ([1, 2], [4, 0], "do not add up")])
+def test_groups_outside_the_model_are_refused_without_compute(counted_server, ids, counts, why):
+    server, compute, secret = counted_server
+    link = WorkerLink("w2", server.address, secret, timeout=5)
+    x, _, _, w = pairs(8, 4, [0])
+    with pytest.raises(RuntimeError, match=f"worker w2 failed on layer 1: FrameError: layer 1: .*{why}"):
+        exchange(link, 1, x, np.array(ids), np.array(counts), w)
+    assert compute.calls == 0
+    good = exchange(link, 1, x, np.array([1, 2]), np.array([1, 3]), w)   # the link stays in step
+    assert torch.equal(good, reference(1, x, [1, 2], [1, 3], torch.from_numpy(w)))
+    link.close()

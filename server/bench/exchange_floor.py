@@ -42,6 +42,8 @@ class ExchangeFloor:
     floor_ms: float       # per step: bare round trips of the same bytes
     exchange_ms: float    # per step: our exchange, less the workers' compute
     compute_ms: float     # per step: the workers' stand-in compute on the critical path (subtracted)
+    floor_cpu_ms: float   # per step: the engine process's CPU time for the floor (steadier than wall
+    exchange_cpu_ms: float  # time on a loaded machine) and for ours
 
     @property
     def ratio(self) -> float:
@@ -155,27 +157,30 @@ def measure_exchange_floor(hidden: int = 512, num_experts: int = 8, top_k: int =
         links = {n: open_link(n, a[0], secret, same_node=transport == "ring") for n, a in zip(names, addresses)}
         profile = StepProfile(enabled=True)
         backend = RemoteExperts(routing, links, {l: l for l in range(layers)}, hidden, profile)
-        floor_s = ours_s = 0.0
+        floor_s = ours_s = floor_cpu = ours_cpu = 0.0
         # step by step, alternating which goes first: the machine's load swings hit both alike
         for i, step in enumerate(plan[:5] + plan):
             if i == 5:
-                floor_s = ours_s = 0.0
+                floor_s = ours_s = floor_cpu = ours_cpu = 0.0
                 profile.totals.clear()
             for first in ((True, False) if i % 2 else (False, True)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if first:
                     bare.step(i % len(plan) if i >= 5 else i)
                     floor_s += time.perf_counter() - t0
+                    floor_cpu += time.process_time() - c0
                 else:
                     for layer, (x, ids, w) in enumerate(step):
                         backend.finish(backend.start(layer, x, ids, w))
                     ours_s += time.perf_counter() - t0
+                    ours_cpu += time.process_time() - c0
         compute = profile.totals["expert_ffn_on_worker"]
         bare.close()
         for link in links.values():
             link.close()
         return ExchangeFloor(transport, workers, layers, tokens, floor_s / steps * 1e3,
-                             (ours_s - compute) / steps * 1e3, compute / steps * 1e3)
+                             (ours_s - compute) / steps * 1e3, compute / steps * 1e3, floor_cpu / steps * 1e3,
+                             ours_cpu / steps * 1e3)
     finally:
         for pipe in pipes:
             try:

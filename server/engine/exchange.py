@@ -86,15 +86,15 @@ class RemoteExperts:
         order = np.argsort(key, kind="stable")            # pairs grouped by (worker, expert)
         sorted_key = key[order]
         starts = _run_starts(sorted_key)
-        sizes = np.diff(starts, append=len(sorted_key))
+        pair_starts = starts.tolist() + [len(sorted_key)]
+        sizes = np.subtract(pair_starts[1:], pair_starts[:-1])
         groups = sorted_key[starts]
-        x = hidden[torch.from_numpy(order // a)]          # one row per pair, grouped
+        x = hidden.index_select(0, torch.from_numpy(order // a))   # one row per pair, grouped
         weights = topk_weights.numpy().reshape(-1)[order] if topk_weights.dtype == torch.float32 \
             else topk_weights.float().numpy().reshape(-1)[order]
         out = torch.empty(x.shape, dtype=torch.float32)  # the workers' replies land here
         group_owner = groups // num_experts
         owner_starts = _run_starts(group_owner).tolist()
-        pair_starts = starts.tolist() + [len(sorted_key)]
         sent = []
         for g0, g1 in zip(owner_starts, owner_starts[1:] + [len(groups)]):
             p0, p1 = pair_starts[g0], pair_starts[g1]
