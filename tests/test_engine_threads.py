@@ -1,0 +1,35 @@
+"""The engine process's threads: OpenMP sleeps instead of spinning when `elasticmoe serve` starts
+torch (a spinning thread holds a core a worker needs), and torch's thread count is the CPUs the
+process may run on (its affinity), not the machine's count nor a constant."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_serve_starts_openmp_passive(tmp_path):
+    """libgomp prints its settings at load with OMP_DISPLAY_ENV=VERBOSE: the CLI must have asked
+    for the passive policy (spin count 0) before torch loaded it; libgomp's default spins 300000."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    # a model directory that does not exist: the server fails its config check right after torch
+    # is imported, before anything is started
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "none")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert "is not a directory" in out.stderr + out.stdout
+    assert "GOMP_SPINCOUNT = '0'" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to restrict one away")
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_engine_threads_follow_the_affinity(cpus):
+    allowed = sorted(os.sched_getaffinity(0))[:cpus]
+    code = ("import torch; from server.engine.threads import engine_threads; "
+            "n = engine_threads(); print(n, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: os.sched_setaffinity(0, allowed))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(cpus), str(cpus)]
