@@ -237,16 +237,18 @@ class ExpertWorker:
                 "kernel": self.kernel.name, "threads": self.threads,
                 "slots": self.pool.snapshot()}
 
-    def stop(self) -> None:
-        """Stop serving and remove every segment name this worker still holds on its node: the
-        controller stops a worker only once no other worker needs those names (after `release`
-        on a scale-down, or at shutdown), and /dev/shm of a node without the server is cleaned
-        by nobody else."""
+    def stop(self, unlink_held: bool = False) -> None:
+        """Stop serving and remove the names of the segments it created and still holds: the
+        controller stops a holding worker only when a change that started it aborts, and nobody
+        else maps what it made then. A segment it remapped may still serve another worker: its
+        name goes too only with `unlink_held` (at shutdown: /dev/shm of a node without the
+        server is cleaned by nobody else)."""
         self.data.stop()
         self.transfer.stop()
         for seg in list(self._by_name.values()):
             seg.close()
-            seg.unlink()
+            if unlink_held or f"-{self.worker_id}-" in seg.name:   # segment_name's node tag: our id
+                seg.unlink()
         self._by_name.clear()
         for rng in self.ranges:   # the data plane has stopped: nothing reads the ranges any more
             rng.close()

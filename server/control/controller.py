@@ -423,16 +423,16 @@ class Controller:
             if not keep:
                 self._stop(live)
 
-    def _stop(self, live: _Live) -> None:
+    def _stop(self, live: _Live, unlink_held: bool = False) -> None:
         try:
-            ray.get(live.handle.stop.remote(), timeout=30)
+            ray.get(live.handle.stop.remote(unlink_held), timeout=30)
         except Exception:
             pass
         ray.kill(live.handle)
 
     def shutdown(self) -> None:
         for live in list(self._live.values()) + self._standby:
-            self._stop(live)
+            self._stop(live, unlink_held=True)
         self.sweepers.shutdown()
         for link in self._links.values():
             link.close()
