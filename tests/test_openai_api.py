@@ -53,6 +53,15 @@ def _invalid(server) -> float:
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server.config.model]
     assert _http(server, "/health") == (200, {"status": "ok"})
+    # as before the experts are placed, and while draining: 503 in OpenAI's shape, nothing queued
+    server.http.set_serving(False)
+    try:
+        assert _http(server, "/health")[0] == 503
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model=server.config.model, prompt=PROMPT, max_tokens=2)
+        assert err.value.status_code == 503 and err.value.body["type"] == "service_unavailable"
+    finally:
+        server.http.set_serving(True)
 
 
 def test_greedy_completion_equals_grpc_streamed_or_not(server, client):
