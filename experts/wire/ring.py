@@ -105,7 +105,7 @@ def _peer_closed(sock: socket.socket) -> bool:
 
 
 def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute, io_timeout: float,
-               stopping, spin_s: float = 20e-6) -> None:
+               stopping, spin_s: float = 0.0) -> None:
     """The worker's side of one ring link, on the link's thread, until the engine closes the
     lifeline or `stopping()`. `compute` is experts/wire/dataplane.Compute."""
     layout = RingLayout.of(bounds)
@@ -168,7 +168,7 @@ class RingLink:
     kind = "ring"
 
     def __init__(self, worker_id: str, address: tuple[str, int], secret: ServerSecret, timeout: float = 60.0,
-                 spin_s: float = 20e-6) -> None:
+                 spin_s: float = 0.0) -> None:
         self.worker_id = worker_id
         self.address = address
         self.timeout = timeout
