@@ -30,7 +30,7 @@ class GapTraffic:
         self.stop = threading.Event()
         self.errors: list[str] = []
         self.done = 0
-        self.gaps: list[tuple[float, float]] = []   # (previous token, this token) of one stream
+        self.gaps: list[tuple[float, float]] = []   # (previous token or the request, this token)
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(len(PROMPTS))]
         for t in self.threads:
             t.start()
@@ -40,12 +40,11 @@ class GapTraffic:
         req = pb.GenerateRequest(prompt_token_ids=PROMPTS[i],
                                  sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
         while not self.stop.is_set():
-            tokens, last = [], None
+            tokens, last = [], time.monotonic()   # a stall before the first token counts too
             try:
                 for msg in stub.Generate(req, timeout=120):
                     now = time.monotonic()
-                    if tokens and last is not None:
-                        self.gaps.append((last, now))
+                    self.gaps.append((last, now))
                     tokens += msg.token_ids
                     last = now
             except grpc.RpcError as exc:

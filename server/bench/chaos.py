@@ -65,12 +65,11 @@ def _client(channel: grpc.Channel, expected: list[list[int]], tally: Tally, lock
         cancel_after = rng.randrange(1, MAX_TOKENS) if rng.random() < 0.1 else None
         call = stub.Generate(pb.GenerateRequest(prompt_token_ids=PROMPTS[i], sampling=pb.SamplingParams(
             max_tokens=MAX_TOKENS, ignore_eos=True)), timeout=300)
-        tokens, last, gaps = [], None, []
+        tokens, last, gaps = [], time.monotonic(), []   # a stall before the first token counts too
         try:
             for msg in call:
                 now = time.monotonic()
-                if last is not None:
-                    gaps.append((last, now))
+                gaps.append((last, now))
                 last = now
                 tokens += msg.token_ids
                 if cancel_after is not None and len(tokens) >= cancel_after:
