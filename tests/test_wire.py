@@ -125,7 +125,8 @@ def _fake_worker(secret: ServerSecret, answer) -> tuple[tuple[str, int], threadi
 def test_out_of_step_reply_is_detected():
     secret = ServerSecret.generate()
     body = lambda m: bytes(m * BOUNDS.hidden * 4)   # noqa: E731
-    address, thread = _fake_worker(secret, lambda seq, m: REPLY.pack(MAGIC, seq + 1, 0, m * BOUNDS.hidden * 4, 0) + body(m))
+    address, thread = _fake_worker(secret, lambda seq, m: REPLY.pack(MAGIC, seq + 1, 0, m * BOUNDS.hidden * 4, 0)
+                                   + body(m))
     link = WorkerLink("w7", address, secret, timeout=5)
     x, ids, counts, w = pairs(0, 4, [2])
     with pytest.raises(RuntimeError, match=r"worker w7: out of step on layer 1"):

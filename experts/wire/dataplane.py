@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,14 +21,11 @@ import torch
 from experts.wire.auth import PURPOSE_EXCHANGE, PURPOSE_RING, ServerHandshake, ServerSecret, client_handshake
 from experts.wire.framing import (BoundedAcceptor, ConnectionLimits, nodelay, recv_exact, recv_message_start,
                                   send_parts)
-from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, ExchangeBounds, WorkerLost, check_groups,
+from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
                                    check_request, error_text, pack_request, tensor_bytes)
 from experts.wire.ring import RingLink, serve_ring
 
 __all__ = ["Compute", "DataPlaneServer", "ExchangeLink", "WorkerLink", "WorkerLost", "open_link"]
-
-# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M]) -> float32 [M, D]
-Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]
 
 # The engine's links are idle whenever nothing is served, and proven: they are never timed out
 # between messages; a message once started must arrive within io_timeout.

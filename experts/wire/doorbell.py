@@ -1,14 +1,15 @@
 """A doorbell between two processes on one node: a futex on a 32-bit counter in shared memory.
 
 The ringer bumps the counter and wakes (one FUTEX_WAKE syscall, a microsecond whether or not
-anyone sleeps); the waiter checks the counter for a short bounded spin, then sleeps in
-FUTEX_WAIT, which the kernel only enters while the counter still holds the value the waiter
+anyone sleeps); the waiter checks the counter (optionally for a short bounded spin), then sleeps
+in FUTEX_WAIT, which the kernel only enters while the counter still holds the value the waiter
 last saw, so a ring between the check and the sleep is never lost. Sleeping, not spinning, is
 the point: the engine and the workers share few cores, and a spinning waiter would take the
-core the process it waits for needs (measured on 2 loaded cores: a 20 us spin per wait raised the
-engine's CPU per step by 40% and bought no wall time; the default is no spin). An eventfd would need fd passing between unrelated
-processes; a futex needs only the shared mapping. Not FUTEX_PRIVATE: the two sides are two
-processes. ctypes calls release the GIL, so other threads run while one sleeps.
+core the process it waits for needs (measured on 2 loaded cores: a 20 us spin per wait raised
+the engine's CPU per step by 40% and bought no wall time; the default is no spin). An eventfd
+would need fd passing between unrelated processes; a futex needs only the shared mapping. Not
+FUTEX_PRIVATE: the two sides are two processes. ctypes calls release the GIL, so other threads
+run while one sleeps.
 """
 from __future__ import annotations
 

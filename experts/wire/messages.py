@@ -9,6 +9,7 @@ against the model spec before a byte of payload is allocated or read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,10 @@ from experts.model.dtypes import WIRE_DTYPES
 from experts.model.spec import ModelSpec
 from experts.wire.framing import FrameError, check_bound, frame
 
-__all__ = ["ExchangeBounds", "Request", "WorkerLost", "check_groups", "check_request", "pack_request"]
+__all__ = ["Compute", "ExchangeBounds", "Request", "WorkerLost", "check_groups", "check_request", "pack_request"]
+
+# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M]) -> float32 [M, D]
+Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]
 
 MAGIC = b"EMX2"
 REQUEST = frame("4sIiiiB")    # magic, seq, MoE layer, pairs M, groups G, dtype code

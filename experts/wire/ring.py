@@ -23,6 +23,7 @@ import stat
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import torch
 from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
 from experts.wire.doorbell import Doorbell
 from experts.wire.framing import FrameError, frame, nodelay, recv_bytes
-from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, ExchangeBounds, WorkerLost, check_groups,
+from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
                                    check_request, error_text, pack_request)
 
 SHM_DIR = "/dev/shm"
@@ -104,10 +105,10 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute, io_timeout: float,
-               stopping, spin_s: float = 0.0) -> None:
+def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute: Compute, io_timeout: float,
+               stopping: Callable[[], bool], spin_s: float = 0.0) -> None:
     """The worker's side of one ring link, on the link's thread, until the engine closes the
-    lifeline or `stopping()`. `compute` is experts/wire/dataplane.Compute."""
+    lifeline or `stopping()`."""
     layout = RingLayout.of(bounds)
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -138,7 +139,7 @@ def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute, 
         ring.close()
 
 
-def _answer(ring: _Mapped, seq: int, bounds: ExchangeBounds, compute) -> None:
+def _answer(ring: _Mapped, seq: int, bounds: ExchangeBounds, compute: Compute) -> None:
     at, rep = ring.layout.request_at(seq), ring.layout.reply_at(seq)
     t0 = time.perf_counter_ns()
     try:
