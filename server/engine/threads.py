@@ -16,10 +16,20 @@ import sys
 log = logging.getLogger(__name__)
 
 
+# libgomp's idle threads spin this many rounds (tens of microseconds) before they sleep: long
+# enough to bridge the gaps between one op's parallel region and the next inside a phase, far
+# shorter than a phase of the workers (milliseconds). libgomp's default, 300000 rounds, spins
+# through the whole expert phase on a core a worker needs; 0 (pure passive) pays a futex wake-up
+# per op. Measured on 2 cores, batch 32, engine phases per step: 8.2 ms spinning, 13.8 ms at 0,
+# 9.4 ms at 2000.
+SPIN_ROUNDS = "2000"
+
+
 def passive_openmp() -> bool:
-    """Ask OpenMP to sleep, not spin, when idle (unless the user chose a policy). False when torch
-    is loaded already and the policy can no longer change in this process."""
+    """Ask OpenMP to sleep after a short bounded spin when idle (unless the user chose a policy).
+    False when torch is loaded already and the policy can no longer change in this process."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
     return "torch" not in sys.modules
 
 
