@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     model = ensure_model(args.model)
     rng = random.Random(0)
     cluster.connect(None)
-    server = Server(ServerConfig(model=model, workers=2, port=0, metrics_port=-1, worker_timeout_s=2.0))
+    server = Server(ServerConfig(model=model, workers=2, port=0, metrics_port=-1, http_port=-1, worker_timeout_s=2.0))
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
