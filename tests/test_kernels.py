@@ -17,7 +17,7 @@ import torch
 
 from experts.kernels import moe, oplib
 from experts.kernels.ffn import run_grouped
-from memory.segments import ExpertSegment, ExpertShape, segment_name
+from memory.segments import ExpertSegment, ExpertShape, segment_name, unlink_namespace
 from memory.slot_range import HostSlotRange
 
 E, D, I, K = 8, 128, 256, 2
@@ -105,9 +105,10 @@ def test_kernel_over_a_slot_range_with_empty_slots(dtype):
     shape = ExpertShape(D, I, dtype)
     w13, w2 = experts(dtype)
     ns = f"k{uuid.uuid4().hex[:8]}"
-    segs = [ExpertSegment.create(segment_name(ns, 0, e, "t"), shape) for e in range(E)]
+    segs: list[ExpertSegment] = []
     rng = HostSlotRange(2 * E, shape)
     try:
+        segs += [ExpertSegment.create(segment_name(ns, 0, e, "t"), shape) for e in range(E)]
         for e, seg in enumerate(segs):
             kernel.prepack(w13[e:e + 1], seg.gate_up.unsqueeze(0))
             kernel.prepack(w2[e:e + 1], seg.down.unsqueeze(0))
@@ -129,7 +130,7 @@ def test_kernel_over_a_slot_range_with_empty_slots(dtype):
         rng.close()
         for seg in segs:
             seg.close()
-            seg.unlink()
+        unlink_namespace(ns)
 
 
 def test_library_missing_selects_the_reference(monkeypatch):
