@@ -168,16 +168,30 @@ def test_cancel_waiting_and_running():
     check_table(blocks)
 
 
-def test_queue_full():
+def test_queue_full_counts_only_what_cannot_run():
+    """max_waiting bounds the sequences the next step cannot admit, not arrivals between steps."""
     sched = Scheduler(KVBlockTable(16, 4), max_waiting=2, max_running=1, max_step_tokens=64)
-    sched.add(seq("a", 1, 1))
-    sched.add(seq("b", 1, 1))
+    sched.add(seq("a", 1, 1))       # the next step runs it: not waiting
+    sched.add(seq("b", 1, 1))       # no running slot left: waiting (1)
+    sched.add(seq("c", 1, 1))       # waiting (2)
     with pytest.raises(QueueFull, match="limit 2"):
+        sched.add(seq("d", 1, 1))
+    assert [s.seq_id for s in sched.waiting] == ["a", "b", "c"]
+    run_step(sched)                 # a runs; b and c still cannot
+    with pytest.raises(QueueFull, match="limit 2"):
+        sched.add(seq("d", 1, 1))
+    sched.finish("a")               # a slot frees: b runs at the next step, only c waits
+    sched.add(seq("d", 1, 1))
+    assert [s.seq_id for s in sched.waiting] == ["b", "c", "d"]
+
+
+def test_queue_full_when_kv_blocks_are_short():
+    """A free running slot is not enough: a sequence whose KV blocks do not fit waits."""
+    sched = Scheduler(KVBlockTable(4, 4), max_waiting=1, max_running=8, max_step_tokens=64)
+    sched.add(seq("a", 12, 1))      # 3 of the 4 blocks: runs at the next step
+    sched.add(seq("b", 8, 1))       # 2 blocks: cannot run beside a -> waiting (1)
+    with pytest.raises(QueueFull, match="limit 1"):
         sched.add(seq("c", 1, 1))
-    assert [s.seq_id for s in sched.waiting] == ["a", "b"]
-    run_step(sched)                                       # a is admitted: room for one more
-    sched.add(seq("c", 1, 1))
-    assert [s.seq_id for s in sched.waiting] == ["b", "c"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_waiting=-1), dict(max_running=0), dict(max_step_tokens=0)])
