@@ -44,9 +44,10 @@ class ServerProcess:
 
     def __init__(self, model: str, workers: int, *extra: str, ray_address: str | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--workers", str(workers),
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *extra]
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--http-port", str(self.http_port), *extra]
         if ray_address:
             cmd += ["--ray-address", ray_address]
         self.log = open(os.devnull, "w") if not os.environ.get("ELASTICMOE_BENCH_LOG") else None
