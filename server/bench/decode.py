@@ -42,8 +42,11 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     say(f"starting elasticmoe with {workers} worker(s), {dtype}")
     rows, first = [], []
     name = f"elasticmoe, {workers} worker{'s' if workers > 1 else ''}"
-    extra = ["--max-running", str(max(batches + [PREFILL_BATCH])), "--ray-num-cpus", "4", "--dtype", dtype,
-             "--max-step-tokens", str(max(512, max(batches)))]
+    # the workers share the node's cores in the expert phase (each takes threads for the CPUs Ray
+    # grants it), as the engine takes them all in its own phase
+    cores = len(os.sched_getaffinity(0))
+    extra = ["--max-running", str(max(batches + [PREFILL_BATCH])), "--ray-num-cpus", str(2 * cores), "--dtype", dtype,
+             "--max-step-tokens", str(max(512, max(batches))), "--worker-cpus", f"{cores / workers:g}"]
     with ServerProcess(model, workers, *extra) as srv:
         run_batch(srv.channel, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
