@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from experts.model.profile import StepProfile
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import ServerMetrics
@@ -268,8 +270,16 @@ def test_dashboard_shows_every_exported_metric() -> None:
     assert families <= used, f"on no dashboard panel: {sorted(families - used)}"
 
 
-def feed(m: ServerMetrics, step: int) -> None:
+def feed(m: ServerMetrics, step: int, profile: StepProfile) -> None:
     """One engine step's worth of every verb, so that every rate and quantile has data."""
+    profile.add("attention", 0.01)
+    profile.add("experts", 0.02)
+    profile.steps += 1
+    m.worker_lost()
+    m.failover(0.05 + step / 1000)
+    m.failover_failed()
+    m.degraded(step % 2 == 0)
+    m.expert_load_imbalance(1.2 + step % 3 / 10)
     for i in range(10):
         m.request_finished("ok", duration_s=0.5 + i / 10, ttft_s=0.05 + i / 100)
         m.inter_token(0.01 + i / 1000)
@@ -299,7 +309,9 @@ def test_dashboard_and_rules_on_a_live_prometheus(tmp_path: Path) -> None:
     every dashboard expression returns series and every rule evaluates without error."""
     prometheus = need("prometheus")
     m = ServerMetrics()
-    feed(m, 0)
+    profile = StepProfile(enabled=True)   # the engine's own phase timer, as app.py wires it
+    m.watch_engine_phases(profile.snapshot)
+    feed(m, 0, profile)
     port = m.serve("127.0.0.1", 0)
     config = load_yaml(PROMETHEUS)
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
@@ -334,7 +346,7 @@ def test_dashboard_and_rules_on_a_live_prometheus(tmp_path: Path) -> None:
         step = 1
         while empty and time.monotonic() < deadline:
             time.sleep(0.5)
-            feed(m, step)
+            feed(m, step, profile)
             step += 1
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
             for where in list(empty):
