@@ -18,6 +18,12 @@ from tests.test_wire import (BOUNDS, LOOPBACK, SPAWN, exchange, pairs, reference
                              worker_process)
 
 
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to float rounding: the worker process and this one may split a matmul over different
+    thread counts (reductions in another order); a row routed or weighted wrongly is off by far more."""
+    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-6)
+
 def _ring_files(prefix: str) -> list[str]:
     return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
 
@@ -32,10 +38,10 @@ def test_ring_equals_tcp_and_run_grouped_across_processes(worker_process):
             x, ids, counts, w = pairs(seed, m, experts)
             layer = seed % BOUNDS.num_layers
             want = reference(layer, x, ids.tolist(), counts.tolist(), torch.from_numpy(w))
-            assert torch.equal(exchange(ring, layer, x, ids, counts, w), want), (m, experts)
-            assert torch.equal(exchange(tcp, layer, x, ids, counts, w), want), (m, experts)
+            assert close(exchange(ring, layer, x, ids, counts, w), want), (m, experts)
+            assert close(exchange(tcp, layer, x, ids, counts, w), want), (m, experts)
             x16 = x.bfloat16()
-            assert torch.equal(exchange(ring, layer, x16, ids, counts, w), exchange(tcp, layer, x16, ids, counts, w))
+            assert close(exchange(ring, layer, x16, ids, counts, w), exchange(tcp, layer, x16, ids, counts, w), rtol=2e-2)
         # two exchanges owed at once (two micro-batches of a step) fill both slots of the ring
         a, b = pairs(20, 5, [1, 2]), pairs(21, 6, [4])
         out_a, out_b = torch.empty(5, BOUNDS.hidden), torch.empty(6, BOUNDS.hidden)
@@ -45,8 +51,8 @@ def test_ring_equals_tcp_and_run_grouped_across_processes(worker_process):
             ring.send(0, *a)
         ring.recv_into(0, out_a)
         ring.recv_into(1, out_b)
-        assert torch.equal(out_a, reference(0, a[0], a[1].tolist(), a[2].tolist(), torch.from_numpy(a[3])))
-        assert torch.equal(out_b, reference(1, b[0], b[1].tolist(), b[2].tolist(), torch.from_numpy(b[3])))
+        assert close(out_a, reference(0, a[0], a[1].tolist(), a[2].tolist(), torch.from_numpy(a[3])))
+        assert close(out_b, reference(1, b[0], b[1].tolist(), b[2].tolist(), torch.from_numpy(b[3])))
         for _ in range(300):   # many laps around the ring's slots stay in step
             x, ids, counts, w = pairs(30, 4, [6])
             exchange(ring, 1, x, ids, counts, w)
@@ -88,7 +94,7 @@ def test_ring_file_is_private_and_gone_once_mapped():
             time.sleep(0.01)
         assert _ring_files(prefix) == [], "the ring's name outlived its setup"
         x, ids, counts, w = pairs(2, 3, [1])
-        assert torch.equal(exchange(link, 0, x, ids, counts, w),
+        assert close(exchange(link, 0, x, ids, counts, w),
                            reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
         link.close()
     finally:
@@ -109,7 +115,7 @@ def test_worker_error_through_the_ring_keeps_it_in_step():
         x, ids, counts, w = pairs(3, 6, [5, 6])
         with pytest.raises(RuntimeError, match=r"worker w3 failed on layer 1: KeyError: 'expert 5 is not held here'"):
             exchange(link, 1, x, ids, counts, w)
-        assert torch.equal(exchange(link, 0, x, ids, counts, w),
+        assert close(exchange(link, 0, x, ids, counts, w),
                            reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
     finally:
         link.close()

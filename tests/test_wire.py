@@ -26,6 +26,12 @@ INTER = 48
 FAST = ConnectionLimits(max_connections=4, max_pending=64, handshake_timeout=0.5, io_timeout=2.0)
 
 
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to float rounding: the worker process and this one may split a matmul over different
+    thread counts (reductions in another order); a row routed or weighted wrongly is off by far more."""
+    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-6)
+
 def expert_weights(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [2I, D], down [D, I] that name themselves: the same in every process."""
     g = torch.Generator().manual_seed(1000 * layer + expert)
@@ -88,7 +94,7 @@ def test_exchange_equals_run_grouped_across_processes(worker_process):
             layer = seed % BOUNDS.num_layers
             got = exchange(link, layer, x, ids, counts, w)
             want = reference(layer, x, ids.tolist(), counts.tolist(), torch.from_numpy(w))
-            assert torch.equal(got, want), (m, experts)
+            assert close(got, want), (m, experts)
         # two requests owed at once (two micro-batches), answered in order
         a, b = pairs(10, 5, [1, 2]), pairs(11, 6, [4])
         out_a, out_b = torch.empty(5, BOUNDS.hidden), torch.empty(6, BOUNDS.hidden)
@@ -96,8 +102,8 @@ def test_exchange_equals_run_grouped_across_processes(worker_process):
         link.send(1, *b)
         link.recv_into(0, out_a)
         link.recv_into(1, out_b)
-        assert torch.equal(out_a, reference(0, a[0], a[1].tolist(), a[2].tolist(), torch.from_numpy(a[3])))
-        assert torch.equal(out_b, reference(1, b[0], b[1].tolist(), b[2].tolist(), torch.from_numpy(b[3])))
+        assert close(out_a, reference(0, a[0], a[1].tolist(), a[2].tolist(), torch.from_numpy(a[3])))
+        assert close(out_b, reference(1, b[0], b[1].tolist(), b[2].tolist(), torch.from_numpy(b[3])))
     finally:
         link.close()
 
@@ -150,7 +156,7 @@ def test_worker_error_is_reported_and_the_link_stays_in_step():
         with pytest.raises(RuntimeError, match=r"worker w3 failed on layer 1: KeyError: 'expert 5 is not held here'"):
             exchange(link, 1, x, ids, counts, w)
         got = exchange(link, 0, x, ids, counts, w)
-        assert torch.equal(got, reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+        assert close(got, reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
     finally:
         link.close()
         server.stop()
@@ -218,7 +224,7 @@ def test_wrong_secret_is_refused_before_any_work_byte(counted_server):
     assert server.acceptor.refused == 4
     link = WorkerLink("w1", server.address, secret, timeout=5)   # the holder of the secret is served
     x, ids, counts, w = pairs(5, 4, [2, 3])
-    assert torch.equal(exchange(link, 0, x, ids, counts, w),
+    assert close(exchange(link, 0, x, ids, counts, w),
                        reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
     assert compute.calls == 1
     link.close()
@@ -252,7 +258,7 @@ def test_header_at_the_bound_is_served(counted_server):
     server, compute, secret = counted_server
     link = WorkerLink("w1", server.address, secret, timeout=5)
     x, ids, counts, w = pairs(6, BOUNDS.max_pairs, list(range(BOUNDS.num_experts)))
-    assert torch.equal(exchange(link, 1, x, ids, counts, w),
+    assert close(exchange(link, 1, x, ids, counts, w),
                        reference(1, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
     link.close()
 
@@ -341,5 +347,5 @@ def test_groups_outside_the_model_are_refused_without_compute(counted_server, id
         exchange(link, 1, x, np.array(ids), np.array(counts), w)
     assert compute.calls == 0
     good = exchange(link, 1, x, np.array([1, 2]), np.array([1, 3]), w)   # the link stays in step
-    assert torch.equal(good, reference(1, x, [1, 2], [1, 3], torch.from_numpy(w)))
+    assert close(good, reference(1, x, [1, 2], [1, 3], torch.from_numpy(w)))
     link.close()
