@@ -89,7 +89,8 @@ def bench_vllm(python: str, model: str, dtype: str, batches: list[int], tokens: 
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run([python, str(PEER_SCRIPT), str(job_path), str(out_path)], env=env, cwd=tmp,
+        # -I: the script's own folder (which holds a module named `http`) must not shadow the stdlib
+        proc = subprocess.run([python, "-I", str(PEER_SCRIPT), str(job_path), str(out_path)], env=env, cwd=tmp,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"vLLM peer failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -250,16 +251,24 @@ def run(args: argparse.Namespace) -> int:
             ex = _breakdown(r)[3]
             print(f"  {r['system']}, {r['dtype']}, batch {r['batch']}: floor {floor_ms[r['batch']]:.2f}, "
                   f"ours {ex:.2f} ({ex / floor_ms[r['batch']]:.1f}x)")
-    print("\ngreedy tokens of prompt 0 (first batch), compared:")
-    ref = next(iter(greedy.values()), [])
+    print("\ngreedy tokens of prompt 0 (first batch), against transformers' in the same dtype:")
     for name, toks in greedy.items():
-        print(f"  {name}: {'same as ' + next(iter(greedy)) if toks == ref else 'DIFFERENT'} ({len(toks)} tokens)")
+        ref = greedy.get(f"transformers {name.rsplit(' ', 1)[-1]}")
+        same = "no reference" if ref is None else f"{sum(1 for _ in _common_prefix(toks, ref))}/{len(ref)} equal before the first difference"
+        print(f"  {name}: {same}")
     write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN,
                            "prefill": {"batch": PREFILL_BATCH, "prompt_len": args.prefill_len}, "results": rows,
                            "exchange_floor_ms_per_step": floor_ms, "greedy_prompt0": greedy, "vllm": peer_info})
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def _common_prefix(a: list[int], b: list[int]):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
 
 
 def _breakdown(row: dict) -> list[object]:
