@@ -48,11 +48,12 @@ DASHBOARD = DEPLOY / "grafana" / "elasticmoe-dashboard.json"
 
 GRPC_PORT = 50051
 METRICS_PORT = 9400
+HTTP_PORT = 8000
 IMAGE = "elasticmoe:latest"
 GPU_IMAGE = "elasticmoe:latest-gpu"
 # `elasticmoe serve` as every deployment runs it (a Ray cluster adds --ray-address auto).
 SERVE_FLAGS = {"--model": "/models/model", "--host": "0.0.0.0", "--port": str(GRPC_PORT),
-               "--metrics-port": str(METRICS_PORT)}  # fmt: skip
+               "--metrics-port": str(METRICS_PORT), "--http-port": str(HTTP_PORT)}  # fmt: skip
 
 
 def load_yaml(path: Path) -> Any:
@@ -463,7 +464,7 @@ def test_dockerfile_has_cpu_default_and_gpu_stages() -> None:
 def test_dockerfile_stage_serves_on_the_contract_ports(stage: str) -> None:
     instructions = dockerfile_stages()[stage]
     exposed = {int(p) for op, a in instructions if op == "EXPOSE" for p in a.split()}
-    assert exposed == {GRPC_PORT, METRICS_PORT}
+    assert exposed == {GRPC_PORT, METRICS_PORT, HTTP_PORT}
     (cmd,) = [json.loads(a) for op, a in instructions if op == "CMD"]
     assert serve_flags(cmd) == SERVE_FLAGS
     (health,) = [a for op, a in instructions if op == "HEALTHCHECK"]
@@ -548,7 +549,7 @@ def test_kuberay_head_runs_the_server() -> None:
     (container,) = head["template"]["spec"]["containers"]
     assert container["image"] == IMAGE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "gcs": 6379, "dashboard": 8265, "client": 10001}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "http": HTTP_PORT, "gcs": 6379, "dashboard": 8265, "client": 10001}
     flags = serve_flags(shell_serve_argv(container["args"][0]))
     assert flags == {**SERVE_FLAGS, "--ray-address": "auto"}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -586,7 +587,7 @@ def test_kuberay_service_reaches_the_head_ports() -> None:
     (container,) = raycluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     ports = {p["port"]: named[p["targetPort"]] for p in service["spec"]["ports"]}
-    assert ports == {GRPC_PORT: GRPC_PORT, METRICS_PORT: METRICS_PORT}
+    assert ports == {GRPC_PORT: GRPC_PORT, METRICS_PORT: METRICS_PORT, HTTP_PORT: HTTP_PORT}
 
 
 def test_kubernetes_accepts_the_pod_templates_and_service(tmp_path: Path) -> None:
@@ -660,8 +661,9 @@ PORT_MENTION = re.compile(r"(?i)(?:port[=: ]*|(?:[a-z_$][\w.$-]*|\d+\.\d+\.\d+\.
 
 
 def test_contract_ports_are_free_of_typos() -> None:
-    """Every port number in deploy/ text is one the deployment uses (catches 50015, 9040...)."""
-    known = {GRPC_PORT, METRICS_PORT, 6379, 8265, 10001, 8076, 8080, 9093}
+    """Every port number in deploy/ text is one the deployment uses (catches 50015, 9040...); the
+    admin port beside a public gRPC port is --port + 1."""
+    known = {GRPC_PORT, GRPC_PORT + 1, METRICS_PORT, HTTP_PORT, 6379, 8265, 10001, 8076, 8080, 9093}
     for path in [DOCKERFILE, RAY_CLUSTER, RAYCLUSTER_K8S, SERVICE_K8S, PROMETHEUS]:
         for number in re.findall(PORT_MENTION, path.read_text()):
             assert int(number) in known, f"{path.name}: port {number}"
