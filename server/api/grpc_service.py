@@ -21,7 +21,7 @@ from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.api.operations_proto import operation_to_proto, scale_response
 from server.api.lenient import Undecodable, decode_generate
 from server.api.prompts import PromptEncoder
-from server.api.requests import choose_prompt, sampling_params
+from server.api.requests import LoopOutputs, choose_prompt, sampling_params
 from server.control.controller import Controller
 from server.control.operations import Operation, OperationRegistry
 from server.control.topology import ScaleRejected, Topology
@@ -52,21 +52,6 @@ def topology_to_proto(topo: Topology | None, moe_layers: tuple[int, ...], num_ex
                   for l, ex in enumerate(topo.placement.held_by(w))]
         msg.workers.append(pb.Worker(worker_id=w, node_id=info.node_id, layers=layers))
     return msg
-
-
-class LoopOutputs:
-    """A request's outputs as the engine thread puts them, delivered to the stream's coroutine on
-    the gRPC event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-
-    def put(self, out: Output) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:
-            pass   # the loop is closed: the server stopped and nobody reads this stream any more
 
 
 class InferenceServicer:

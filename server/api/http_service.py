@@ -3,7 +3,7 @@
 server process; the same engine, limits, request rules (`requests.py`) and metrics as gRPC.
 
 A stream is a coroutine, not a thread: the engine thread hands each output to the event loop
-(`_LoopOutputs`), so a thousand idle clients cost no threads. A client that goes away (its
+(`LoopOutputs`), so a thousand idle clients cost no threads. A client that goes away (its
 connection closes) cancels its request, which frees its KV blocks at the next engine step.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from server.api import openai_schema as oa
 from server.api.chat_template import ChatTemplate
-from server.api.requests import InvalidField, refusal_of
+from server.api.requests import InvalidField, LoopOutputs, refusal_of
 from server.engine.loop import Engine
 from server.engine.request import EngineObserver, Output, Request
 
@@ -34,21 +34,6 @@ log = logging.getLogger(__name__)
 STATUS = {"invalid": 400, "queue_full": 429, "unavailable": 503}
 KIND = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
         429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-
-
-class _LoopOutputs:
-    """A request's outputs as the engine thread puts them, handed to the stream's coroutine on the
-    HTTP event loop (the engine only ever calls `put`)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-
-    def put(self, out: Output) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:
-            pass   # the loop is closed: the HTTP server stopped and nobody reads this stream any more
 
 
 class ApiError(Exception):
@@ -135,7 +120,7 @@ class HttpApi:
                 oa.completion_object(rid, self.model_id, created, text, finish, use))
         return JSONResponse(body)
 
-    async def _admit(self, http: HttpRequest, chat: bool) -> tuple[Request, oa.Common, _LoopOutputs]:
+    async def _admit(self, http: HttpRequest, chat: bool) -> tuple[Request, oa.Common, LoopOutputs]:
         """Read, check and submit; ApiError (counted as refused where it is one) otherwise."""
         if not self.serving:
             raise ApiError(503, "not serving: starting (experts not placed yet) or shutting down")
@@ -161,7 +146,7 @@ class HttpApi:
             blocks = self.engine.blocks   # a chat without max_tokens gets what the context and the cache leave
             room = min(self.engine.max_model_len, blocks.num_blocks * blocks.block_size) - len(ids)
             params = common.params(default_max_tokens=max(room, 1))
-            outputs = _LoopOutputs(loop)
+            outputs = LoopOutputs(loop)
             req = Request(uuid.uuid4().hex, ids, params, outputs=outputs)   # type: ignore[arg-type]
             self.engine.submit(req)
             return req, common, outputs
@@ -188,7 +173,7 @@ class HttpApi:
             return ApiError(503, out.error)
         return ApiError(500, out.error or f"request {out.finish}")
 
-    async def _events(self, req: Request, outputs: _LoopOutputs, first: Output, rid: str, created: int, chat: bool,
+    async def _events(self, req: Request, outputs: LoopOutputs, first: Output, rid: str, created: int, chat: bool,
                       with_usage: bool) -> AsyncIterator[str]:
         """The SSE stream of one request: a chunk per output, the usage chunk if asked, [DONE]."""
         def event(body: dict[str, Any]) -> str:

@@ -12,11 +12,13 @@ refuses too, in the same words. Each API only maps a refusal onto its own codes:
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from server.engine.loop import IntakeClosed
+from server.engine.request import Output
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import QueueFull
 
@@ -105,3 +107,18 @@ class Encoding(Protocol):
 
 class TextTokenizer(Protocol):
     def encode(self, text: str) -> Encoding: ...
+
+
+class LoopOutputs:
+    """A request's outputs as the engine thread puts them (it only ever calls `put`), delivered to
+    the stream's coroutine on the API's event loop (gRPC's or HTTP's)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+
+    def put(self, out: Output) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:
+            pass   # the loop is closed: the API stopped and nobody reads this stream any more
