@@ -288,7 +288,7 @@ class Server:
         c = self.config
         # the same prompt rules as gRPC (server/api/prompts.py: size bound, then tokenizing)
         api = HttpApi(self.engine, PromptEncoder(self.tokenizer, self.engine.max_model_len).encode, self.stats, c.model,
-                      load_chat_template(c.model))
+                      load_chat_template(c.model), api_key=c.api_key)
         self.http = HttpFront(api, c.host, c.http_port)
         self.http_port = self.http.port
         self.http.start()

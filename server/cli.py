@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
         slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
         worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token, api_key=args.api_key,
         admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace)
     server = Server(config)
     stop = threading.Event()
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=9400, help="-1 disables the metrics endpoint")
+    s.add_argument("--api-key", default=os.environ.get("ELASTICMOE_API_KEY"),
+                   help="the HTTP API's /v1 endpoints need `Authorization: Bearer KEY` (OpenAI clients' api_key; "
+                        "default: $ELASTICMOE_API_KEY; none: open like gRPC's Inference service)")
     s.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions); -1 disables it")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")

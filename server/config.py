@@ -42,6 +42,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None      # PEM; clients must present a certificate it signed (mTLS)
     admin_token: str | None = None        # Admin RPCs need `authorization: Bearer <token>`
+    api_key: str | None = None            # /v1 of the HTTP API needs `Authorization: Bearer <key>`
     admin_address: str | None = None      # HOST:PORT of Admin's own server; None: beside Inference on
                                           # loopback hosts, else 127.0.0.1:port+1
     reflection: bool = True               # the schema is public (CONTRACT); grpcurl works without files
@@ -84,6 +85,8 @@ class ServerConfig:
             raise ValueError(f"--tls-client-ca {self.tls_client_ca!r} needs --tls-cert and --tls-key")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("--admin-token must not be empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key must not be empty")
         if self.admin_address is not None:
             host, _, port = self.admin_address.rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) < 65536:

@@ -203,3 +203,21 @@ def test_chat_templates_render_as_transformers_renders_them(tiny_models, tmp_pat
         assert ours.render(messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     with pytest.raises(ValueError, match="unknown role tool"):
         ours.render([{"role": "tool", "content": "x"}])
+
+
+def test_api_key_is_required_when_configured(tiny_models, ray_local):
+    """With --api-key, /v1 answers 401 in OpenAI's shape without it or with another key (the
+    official client raises AuthenticationError), serves with it, and /health stays open."""
+    with running_server(tiny_models["qwen3_moe"], workers=1, http_port=0, api_key="sesame") as s:
+        base = f"http://127.0.0.1:{s.http_port}/v1"
+        for key in ("wrong", "none"):
+            with pytest.raises(openai.AuthenticationError) as err:
+                openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60).completions.create(
+                    model=s.config.model, prompt=PROMPT, max_tokens=2)
+            assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        status, body = _http(s, "/v1/models")
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert _http(s, "/health")[0] == 200
+        good = openai.OpenAI(base_url=base, api_key="sesame", max_retries=0, timeout=60)
+        done = good.completions.create(model=s.config.model, prompt=PROMPT, max_tokens=3, temperature=0)
+        assert done.usage.completion_tokens == 3

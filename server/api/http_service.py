@@ -9,6 +9,7 @@ connection closes) cancels its request, which frees its KV blocks at the next en
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
@@ -50,8 +51,9 @@ class HttpApi:
     `chat` is the checkpoint's chat template (None: /v1/chat/completions answers 400)."""
 
     def __init__(self, engine: Engine, encode: Callable[[str], list[int]], observer: EngineObserver,
-                 model_id: str, chat: ChatTemplate | None) -> None:
+                 model_id: str, chat: ChatTemplate | None, api_key: str | None = None) -> None:
         self.engine = engine
+        self._api_key = api_key.encode() if api_key else None
         self.encode = encode
         self.observer = observer   # counts requests refused before they reach the engine
         self.model_id = model_id
@@ -76,7 +78,20 @@ class HttpApi:
             return ApiError(503, "not serving: starting (experts not placed yet) or shutting down").response()
         return JSONResponse({"status": "ok"})
 
-    async def models(self, _: HttpRequest) -> Response:
+    def _check_key(self, http: HttpRequest) -> None:
+        """401 unless the request carries the configured key (OpenAI clients send their api_key
+        as `Authorization: Bearer ...`); compared in constant time."""
+        if self._api_key is None:
+            return
+        scheme, _, given = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._api_key):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", None, "invalid_api_key")
+
+    async def models(self, http: HttpRequest) -> Response:
+        try:
+            self._check_key(http)
+        except ApiError as exc:
+            return exc.response()
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "elasticmoe",
              "max_model_len": self.engine.max_model_len}]})
@@ -122,6 +137,7 @@ class HttpApi:
 
     async def _admit(self, http: HttpRequest, chat: bool) -> tuple[Request, oa.Common, LoopOutputs]:
         """Read, check and submit; ApiError (counted as refused where it is one) otherwise."""
+        self._check_key(http)
         if not self.serving:
             raise ApiError(503, "not serving: starting (experts not placed yet) or shutting down")
         try:
