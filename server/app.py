@@ -329,6 +329,10 @@ class Server:
             self.front.stop(grace=2)
         if self.http is not None:
             self.http.stop()
+        # a failover or restore in flight may be starting a Ray actor: Ray must not be shut down
+        # under a thread inside it (seen as a segfault at the end of a test session)
+        if self.failover is not None and not self.failover.join(timeout=60):
+            log.warning("a failover change is still running; stopping the workers under it")
         if self.controller is not None:
             self.controller.shutdown()
         unlink_namespace(self.namespace)

@@ -430,12 +430,21 @@ class Controller:
             pass
         ray.kill(live.handle)
 
-    def shutdown(self) -> None:
-        for live in list(self._live.values()) + self._standby:
-            self._stop(live, unlink_held=True)
-        self.sweepers.shutdown()
-        for link in self._links.values():
-            link.close()
-        self._live.clear()
-        self._standby.clear()
+    def shutdown(self, wait_s: float = 60.0) -> None:
+        # a change in flight (Admin.Scale, a rebalance) holds the lock while it starts actors and
+        # moves experts: let it end before its workers and then Ray go away under it
+        held = self._lock.acquire(timeout=wait_s)
+        if not held:
+            log.warning("a change is still running after %.0fs; stopping the workers under it", wait_s)
+        try:
+            for live in list(self._live.values()) + self._standby:
+                self._stop(live, unlink_held=True)
+            self.sweepers.shutdown()
+            for link in self._links.values():
+                link.close()
+            self._live.clear()
+            self._standby.clear()
+        finally:
+            if held:
+                self._lock.release()
         self._links.clear()

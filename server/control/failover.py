@@ -138,6 +138,16 @@ class Failover:
         self.observer.degraded(True)
         self._wake.set()
 
+    def join(self, timeout: float) -> bool:
+        """After `stopping` is set: wait for a change in flight to end (it may be starting a Ray
+        actor; Ray must not be shut down under it). True when no failover thread is left."""
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
     def state(self) -> FailoverState:
         with self._lock:
             return self._state

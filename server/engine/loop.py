@@ -137,8 +137,14 @@ class Engine:
         done = threading.Event()
         self._inbox.put(("commit", (backend, version, done)))
         self._wake.set()
-        if not done.wait(timeout):
-            raise RuntimeError(f"engine did not take topology v{version} within {timeout}s")
+        deadline = time.monotonic() + timeout
+        # a stopped engine takes nothing: say so at once rather than hold a change (and the
+        # shutdown waiting for it) for the whole timeout
+        while not done.wait(0.05):
+            if self._stop.is_set():
+                raise RuntimeError(f"engine stopped: topology v{version} not taken")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"engine did not take topology v{version} within {timeout}s")
 
     def start(self) -> None:
         self._thread.start()
