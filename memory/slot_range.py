@@ -47,11 +47,8 @@ def round_up(n: int, to: int = PAGE) -> int:
     return -(-n // to) * to
 
 
-class SlotRange(Protocol):
-    """S slots of one layer, each of which a segment can be mapped into, read as stacked tensors."""
-
-    @property
-    def slots(self) -> int: ...
+class StackedExperts(Protocol):
+    """Experts stacked by slot: what a fused MoE kernel reads (experts/kernels/moe.py)."""
 
     @property
     def contiguous(self) -> bool: ...
@@ -61,6 +58,13 @@ class SlotRange(Protocol):
 
     @property
     def w2(self) -> torch.Tensor: ...    # [S, D, I]
+
+
+class SlotRange(StackedExperts, Protocol):
+    """S slots of one layer, each of which a segment can be mapped into, read as stacked tensors."""
+
+    @property
+    def slots(self) -> int: ...
 
     def map(self, slot: int, segment: str) -> None: ...
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.kernels import oplib
+from memory.slot_range import StackedExperts
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +164,6 @@ class TorchMoE:
     def fused_moe(self, output: torch.Tensor, input: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_id: torch.Tensor, skip_weighted: bool) -> None:
         ref_cpu_fused_moe(output, input, w13, w2, None, None, topk_weights, topk_id, skip_weighted, "silu", "")
-
-
-class StackedExperts(Protocol):
-    """Experts stacked by slot, as a slot range (memory/slot_range.py) exposes them."""
-
-    @property
-    def contiguous(self) -> bool: ...
-
-    @property
-    def w13(self) -> torch.Tensor: ...   # [S, 2I, D]
-
-    @property
-    def w2(self) -> torch.Tensor: ...    # [S, D, I]
 
 
 def run_slots(kernel: MoEKernel, experts: StackedExperts, x: torch.Tensor, slots: list[int], counts: list[int],
