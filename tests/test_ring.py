@@ -14,15 +14,9 @@ from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
 from experts.wire.dataplane import DataPlaneServer, open_link
 from experts.wire.messages import WorkerLost
 from experts.wire.ring import SHM_DIR, RingLink
-from tests.test_wire import (BOUNDS, LOOPBACK, SPAWN, exchange, pairs, reference, serve_child,  # noqa: F401
+from tests.test_wire import (BOUNDS, LOOPBACK, SPAWN, close, exchange, pairs, reference, serve_child,  # noqa: F401
                              worker_process)
 
-
-
-def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> bool:
-    """Equal up to float rounding: the worker process and this one may split a matmul over different
-    thread counts (reductions in another order); a row routed or weighted wrongly is off by far more."""
-    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-6)
 
 def _ring_files(prefix: str) -> list[str]:
     return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]

@@ -149,15 +149,21 @@ def completion_object(rid: str, model: str, created: int, text: str, finish: str
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str | None, finish: str | None,
-                     use: dict[str, int] | None, with_usage: bool) -> dict[str, Any]:
-    """One stream event; `text` None = the closing usage event (no choices)."""
-    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [] if text is None else
-                            [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+def _chunk(rid: str, kind: str, model: str, created: int, choice: dict[str, Any] | None,
+           use: dict[str, int] | None, with_usage: bool) -> dict[str, Any]:
+    """One stream event of either endpoint; `choice` None = the closing usage event (no choices)."""
+    body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
+                            "choices": [] if choice is None else [dict(index=0, logprobs=None, **choice)]}
     if with_usage:   # OpenAI: with include_usage every chunk carries usage, null but on the last
         body["usage"] = use
     return body
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str | None, finish: str | None,
+                     use: dict[str, int] | None, with_usage: bool) -> dict[str, Any]:
+    """One stream event; `text` None = the closing usage event (no choices)."""
+    choice = None if text is None else {"text": text, "finish_reason": finish}
+    return _chunk(rid, "text_completion", model, created, choice, use, with_usage)
 
 
 def chat_object(rid: str, model: str, created: int, text: str, finish: str | None, use: dict[str, int] | None) -> dict[str, Any]:
@@ -168,12 +174,8 @@ def chat_object(rid: str, model: str, created: int, text: str, finish: str | Non
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str] | None, finish: str | None,
                use: dict[str, int] | None, with_usage: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [] if delta is None else
-                            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-    if with_usage:   # OpenAI: with include_usage every chunk carries usage, null but on the last
-        body["usage"] = use
-    return body
+    choice = None if delta is None else {"delta": delta, "finish_reason": finish}
+    return _chunk(rid, "chat.completion.chunk", model, created, choice, use, with_usage)
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
