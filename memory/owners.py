@@ -8,6 +8,10 @@ A namespace is **orphaned** on a node when every process its owner file names is
 may then remove its segments and the owner file (`sweep_orphans`, run when a server or a worker
 starts). Namespaces without an owner file are never touched: their owner is unknown.
 
+Every function works in `shm_dir` when given, else in memory/segments.shm_dir() as it is when
+called ($ELASTICMOE_SHM_DIR, else /dev/shm): the owner file lies beside the segments it speaks for,
+also on a node (a test cluster's raylet) whose segments live elsewhere.
+
 `unlink_worker_segments` removes the segments one worker created on this node (their names carry
 its id), minus those still in use: what a survivor runs for a dead worker after failover.
 """
@@ -17,7 +21,7 @@ import fcntl
 import os
 import re
 
-from memory.segments import SHM_DIR
+from memory.segments import shm_dir as default_shm_dir
 
 _OWNERS_SUFFIX = ".owners"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -29,9 +33,9 @@ def _check(what: str, value: str, pattern: re.Pattern) -> None:
         raise ValueError(f"{what} must match {pattern.pattern}, got {value!r}")
 
 
-def owners_path(namespace: str, shm_dir: str = SHM_DIR) -> str:
+def owners_path(namespace: str, shm_dir: str | None = None) -> str:
     _check("namespace", namespace, _NAMESPACE_RE)
-    return os.path.join(shm_dir, f"emoe-{namespace}{_OWNERS_SUFFIX}")
+    return os.path.join(shm_dir or default_shm_dir(), f"emoe-{namespace}{_OWNERS_SUFFIX}")
 
 
 def _start_time(pid: int) -> str | None:
@@ -48,7 +52,7 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def claim_namespace(namespace: str, pid: int | None = None, shm_dir: str = SHM_DIR) -> None:
+def claim_namespace(namespace: str, pid: int | None = None, shm_dir: str | None = None) -> None:
     """Record `pid` (default: this process) as an owner of `namespace`'s segments on this node."""
     pid = os.getpid() if pid is None else pid
     started = _start_time(pid)
@@ -74,11 +78,12 @@ def _alive_owner(path: str) -> bool:
     return False
 
 
-def sweep_orphans(shm_dir: str = SHM_DIR) -> dict[str, int]:
+def sweep_orphans(shm_dir: str | None = None) -> dict[str, int]:
     """Remove the segments of every namespace whose owners on this node are all gone.
 
     Returns namespace -> segments removed. Sweeps of two processes at once are serialised by a
     lock on the owner file, so a namespace is judged and removed by one of them."""
+    shm_dir = shm_dir or default_shm_dir()
     removed: dict[str, int] = {}
     for entry in os.listdir(shm_dir):
         if not (entry.startswith("emoe-") and entry.endswith(_OWNERS_SUFFIX)):
@@ -106,13 +111,13 @@ def sweep_orphans(shm_dir: str = SHM_DIR) -> dict[str, int]:
 
 
 def unlink_worker_segments(namespace: str, worker_id: str, keep: frozenset[str] = frozenset(),
-                           shm_dir: str = SHM_DIR) -> int:
+                           shm_dir: str | None = None) -> int:
     """Remove the segments `worker_id` created on this node, except the names in `keep` (still
     mapped by the serving topology). Returns how many were removed."""
     _check("namespace", namespace, _NAMESPACE_RE)
     _check("worker_id", worker_id, _TAG_RE)
     # the trailing "-" ends the worker id: w1's prefix never matches w12's segments
-    return _unlink_prefix(shm_dir, f"emoe-{namespace}-{worker_id}-", keep)
+    return _unlink_prefix(shm_dir or default_shm_dir(), f"emoe-{namespace}-{worker_id}-", keep)
 
 
 def _unlink_prefix(shm_dir: str, prefix: str, keep: frozenset[str]) -> int:
@@ -127,7 +132,7 @@ def _unlink_prefix(shm_dir: str, prefix: str, keep: frozenset[str]) -> int:
     return removed
 
 
-def disown_namespace(namespace: str, shm_dir: str = SHM_DIR) -> None:
+def disown_namespace(namespace: str, shm_dir: str | None = None) -> None:
     """Remove the owner file of `namespace` on this node (its server has removed its segments)."""
     try:
         os.unlink(owners_path(namespace, shm_dir))

@@ -92,3 +92,33 @@ def test_a_recycled_pid_is_no_owner(tmp_path):
     open(os.path.join(shm, f"emoe-{ns}-w1-L0-E0"), "w").close()
     assert sweep_orphans(shm) == {} and len(os.listdir(shm)) == 2
     assert SHM_DIR == "/dev/shm"
+
+
+def test_owners_follow_the_segment_directory_set_after_import(tmp_path, monkeypatch):
+    """$ELASTICMOE_SHM_DIR is read when a function is called, not when memory.owners was imported
+    (a test cluster's raylet sets it for its node only): the owner file, the sweep and a dead
+    worker's reclaim all work there, and /dev/shm is not touched."""
+    from memory.owners import disown_namespace, unlink_worker_segments
+
+    ns, dead = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    shm = tmp_path / "node-shm"
+    shm.mkdir()
+    decoy = os.path.join(SHM_DIR, f"emoe-{ns}-w1-L0-E1")   # no owner file: nobody else sweeps it
+    open(decoy, "w").close()
+    try:
+        monkeypatch.setenv("ELASTICMOE_SHM_DIR", str(shm))
+        claim_namespace(ns)
+        assert os.path.exists(shm / f"emoe-{ns}.owners") and not os.path.exists(os.path.join(SHM_DIR, f"emoe-{ns}.owners"))
+        assert owners_path(ns) == str(shm / f"emoe-{ns}.owners")
+        seg = ExpertSegment.create(segment_name(ns, 0, 0, "w1"), SHAPE)   # lands in the same directory
+        seg.close()
+        (shm / f"emoe-{dead}.owners").write_text(f"{os.getpid()} 1\n")   # a recycled pid: gone
+        (shm / f"emoe-{dead}-w1-L0-E0").touch()
+        assert sweep_orphans() == {dead: 1}
+        assert unlink_worker_segments(ns, "w1") == 1
+        disown_namespace(ns)
+        assert os.listdir(shm) == []
+        assert os.path.exists(decoy), "a sweep or reclaim in $ELASTICMOE_SHM_DIR removed a file of /dev/shm"
+    finally:
+        os.unlink(decoy)
+        disown_namespace(ns, SHM_DIR)   # only if the claim went astray
