@@ -9,6 +9,11 @@ accepts that is exactly the end of `gate_up`, and the file is the expert's size.
 on the node that maps the same name sees the same bytes, so a move between two workers on one
 node is a **remap**: the receiver attaches by name and zero bytes are copied.
 
+One writer: the process that `create`s a segment fills it (from disk, or a peer's copy) through
+its own writable mapping. Every other mapping, `attach` (a remap, or a survivor taking over a
+dead worker's segment) and a slot of a slot range, is PROT_READ, so a bug in a receiver faults
+instead of corrupting the expert its source still serves.
+
 Lifetime: the file lives until `unlink`; each mapping lives until its process drops every
 tensor and memoryview taken from it. `close` only drops the segment's own references, so a
 view handed out earlier stays valid (never a dangling pointer), and `unlink` while a process
@@ -20,10 +25,13 @@ map even if someone unlinks or recreates the name in between.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 
@@ -123,14 +131,27 @@ def _map(fd: int, nbytes: int) -> torch.Tensor:
     return torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=nbytes, dtype=torch.uint8)
 
 
+def _map_readonly(fd: int, nbytes: int) -> torch.Tensor:
+    """MAP_SHARED, PROT_READ: a write through the tensor faults (SIGSEGV) instead of landing in
+    another process's expert. The tensor keeps the mapping alive and the mapping is released with
+    the last view of it, as with `_map`."""
+    mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    # torch.frombuffer of the read-only mmap itself works but warns, once per process, that the
+    # tensor is writable anyway; a ctypes array over the same address says nothing and holds the mmap
+    array = (ctypes.c_char * nbytes).from_address(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
+    array.mapping = mapping
+    return torch.frombuffer(array, dtype=torch.uint8)
+
+
 class ExpertSegment:
     """One expert's weights in a named shared file; `gate_up` and `down` are views onto it."""
 
-    def __init__(self, name: str, shape: ExpertShape, raw: torch.Tensor) -> None:
+    def __init__(self, name: str, shape: ExpertShape, raw: torch.Tensor, writable: bool) -> None:
         assert raw.dtype == torch.uint8 and raw.numel() == shape.nbytes, (raw.dtype, raw.shape, shape)
         self.name = name
         self.shape = shape
         self.nbytes = shape.nbytes
+        self.writable = writable   # created here (the one writer), not attached
         self._raw: torch.Tensor | None = raw
         inter, hidden, split = shape.intermediate, shape.hidden, shape.down_offset
         self._gate_up: torch.Tensor | None = raw[:shape.gate_up_nbytes].view(shape.dtype).view(2 * inter, hidden)
@@ -165,14 +186,16 @@ class ExpertSegment:
             raise
         finally:
             os.close(fd)
-        return cls(name, shape, raw)
+        return cls(name, shape, raw, writable=True)
 
     @classmethod
     def attach(cls, name: str, shape: ExpertShape) -> ExpertSegment:
-        """Map an existing segment (a remap: no bytes copied). Its size must match `shape`."""
+        """Map an existing segment read-only (a remap: no bytes copied). Its size must match `shape`.
+
+        Its tensors and `buffer()` are views of a PROT_READ mapping: only its creator writes it."""
         path = _path(name)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"expert segment {name!r} not found in {shm_dir()}: never created on this node, "
@@ -185,10 +208,10 @@ class ExpertSegment:
                 raise ValueError(
                     f"expert segment {name!r} holds {size} bytes but {shape} needs {shape.nbytes}"
                 )
-            raw = _map(fd, shape.nbytes)
+            raw = _map_readonly(fd, shape.nbytes)
         finally:
             os.close(fd)
-        return cls(name, shape, raw)
+        return cls(name, shape, raw, writable=False)
 
     @property
     def closed(self) -> bool:
@@ -209,13 +232,15 @@ class ExpertSegment:
         return self._down
 
     def buffer(self) -> memoryview:
-        """The whole segment's bytes, writable, C-contiguous, format 'B' (transfers use it).
+        """The whole segment's bytes, C-contiguous, format 'B' (transfers use it); writable only
+        for the segment's creator (`writable`).
 
         The memoryview keeps the mapping alive on its own, even after `close`.
         """
         if self._raw is None:
             raise RuntimeError(f"expert segment {self.name!r} is closed")
-        return memoryview(self._raw.numpy())
+        view = memoryview(self._raw.numpy())
+        return view if self.writable else view.toreadonly()
 
     def close(self) -> None:
         """Drop this segment's references to the mapping; idempotent.
@@ -238,7 +263,7 @@ class ExpertSegment:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
+        state = "closed" if self.closed else "open" if self.writable else "open read-only"
         return f"ExpertSegment({self.name!r}, {self.shape}, {state})"
 
 

@@ -4,8 +4,11 @@ The range holds `S` slots laid out part-major: first the `gate_up` part of slots
 the `down` part of slots 0..S-1. It is reserved once with `mmap(PROT_NONE, MAP_PRIVATE |
 MAP_ANONYMOUS | MAP_NORESERVE)`: address space only, no memory. `map(slot, segment)` places
 the segment file's two parts over that slot with `mmap(MAP_FIXED | MAP_SHARED)`, so the slot *is*
-the segment's pages: a segment another worker created on this node costs 0 bytes copied, and
-writes through either mapping are seen by both. `unmap(slot)` puts PROT_NONE back over it.
+the segment's pages: a segment another worker created on this node costs 0 bytes copied. A slot
+is mapped PROT_READ, whoever created the segment: the kernels only read the stacked tensors, the
+segment's creator writes it through its own mapping (memory/segments.py), and a stray write
+through a slot faults instead of corrupting an expert other workers serve. `unmap(slot)` puts
+PROT_NONE back over it.
 
 Every part's stride is rounded up to the page size (mmap places pages). When both parts of an
 expert are whole pages (any shape vLLM's kernel accepts, in practice) `w13` [S, 2I, D] and `w2`
@@ -136,9 +139,10 @@ class HostSlotRange:
         return self._base + slot * self.stride13, self._base + self._slots * self.stride13 + slot * self.stride2
 
     def map(self, slot: int, segment: str) -> None:
-        """Map segment file `segment` (a name in `shm_dir()`) over `slot`, replacing what was there."""
+        """Map segment file `segment` (a name in `shm_dir()`) over `slot`, read-only, replacing
+        what was there."""
         path = segment_path(segment)   # the name is checked: no path escapes the segment directory
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
             if size != self.shape.nbytes:
@@ -146,10 +150,10 @@ class HostSlotRange:
                 raise ValueError(f"segment {segment!r} holds {size} bytes but {self.shape} needs {self.shape.nbytes}")
             with self._lock:
                 a13, a2 = self._addrs(slot)
-                rw, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED
-                _mmap(a13, self.stride13, rw, flags, fd, 0, f"slot {slot} gate_up of {segment!r}")
+                ro, flags = mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED
+                _mmap(a13, self.stride13, ro, flags, fd, 0, f"slot {slot} gate_up of {segment!r}")
                 try:
-                    _mmap(a2, self.stride2, rw, flags, fd, self.shape.down_offset, f"slot {slot} down of {segment!r}")
+                    _mmap(a2, self.stride2, ro, flags, fd, self.shape.down_offset, f"slot {slot} down of {segment!r}")
                 except OSError:
                     self._empty(a13, self.stride13, slot)
                     raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -64,19 +65,27 @@ def _recv(conn, timeout: float = 60.0):
     return conn.recv()
 
 
+def protection(addr: int) -> str:
+    """The permissions ("r--s", "rw-s", "---p" ...) of this process's mapping that holds `addr`."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= addr < end:
+                return perms
+    raise AssertionError(f"{addr:#x} is not mapped")
+
+
 def _child(conn, items) -> None:
-    """Attach the parent's segments; check, write and re-check by value at each step."""
+    """Attach the parent's segments (read-only: the parent created them) and check them by value
+    at each step; the parent writes, always through its own mappings."""
     segs = [(ExpertSegment.attach(name, shape), layer, e) for name, shape, layer, e in items]
     conn.send([holds(s, layer, e) for s, layer, e in segs])
     _recv(conn)  # the parent wrote (layer, e + 50)
-    conn.send([holds(s, layer, e + 50) for s, layer, e in segs])
-    for s, layer, e in segs:
-        fill(s, layer, e + 100)
-    conn.send("wrote")
-    _recv(conn)  # the parent unlinked every name
-    still = [holds(s, layer, e + 100) for s, layer, e in segs]
-    for s, layer, e in segs:
-        fill(s, layer, e + 150)
+    perms = {protection(t.data_ptr()) for s, _, _ in segs for t in (s.gate_up, s.down)}
+    conn.send(([holds(s, layer, e + 50) for s, layer, e in segs], perms, {s.buffer().readonly for s, _, _ in segs}))
+    _recv(conn)  # the parent unlinked every name, then wrote (layer, e + 150)
+    still = [holds(s, layer, e + 150) for s, layer, e in segs]
     errors = []
     for name, shape, _, _ in items:
         try:
@@ -105,15 +114,16 @@ def test_remap_across_processes_shares_bytes(namespace):
         for seg, layer, e in segs:
             fill(seg, layer, e + 50)
         parent.send("wrote")
-        assert _recv(parent) == [True] * len(items), "parent writes must show in the child"
-        assert _recv(parent) == "wrote"
-        assert all(holds(seg, layer, e + 100) for seg, layer, e in segs), "child writes must show here"
+        seen, perms, readonly = _recv(parent)
+        assert seen == [True] * len(items), "parent writes must show in the child"
+        assert perms == {"r--s"} and readonly == {True}, "the child attached, so it must map read-only"
         for seg, _, _ in segs:
             seg.unlink()
+        for seg, layer, e in segs:
+            fill(seg, layer, e + 150)
         parent.send("unlinked")
         still, errors = _recv(parent)
-        assert still == [True] * len(items), "a mapping must survive unlink"
-        assert all(holds(seg, layer, e + 150) for seg, layer, e in segs), "still shared after unlink"
+        assert still == [True] * len(items), "a mapping must survive unlink, still shared"
         for (name, *_), err in zip(items, errors):
             assert name in err and "not found" in err
         child.join(timeout=30)
@@ -136,8 +146,9 @@ def test_create_attach_in_process(namespace, dtype):
         ExpertSegment.create(name, shape)
     other = ExpertSegment.attach(name, shape)
     assert other.gate_up.data_ptr() != seg.gate_up.data_ptr(), "a second mapping, not the same tensor"
-    fill(other, 2, 7)
-    assert holds(seg, 2, 7)
+    assert seg.writable and not other.writable and other.buffer().readonly
+    fill(seg, 2, 7)
+    assert holds(other, 2, 7)
     # buffer() is the raw bytes of gate_up then down: writes through it land in the tensors.
     buf = seg.buffer()
     assert buf.format == "B" and buf.c_contiguous and not buf.readonly and buf.nbytes == seg.nbytes
@@ -337,8 +348,8 @@ def test_slot_range_maps_segments_by_value_without_copying(namespace, dtype):
         # the slot is the segment's pages: a write through one mapping shows in the other
         fill(segs[0], 2, 40)
         assert _slot_holds(rng, pool.slot(2, 0), 2, 40)
-        rng.w2[pool.slot(2, 4)].copy_(expert_weights(2, 41, shape)[1])
-        assert torch.equal(segs[4].down, expert_weights(2, 41, shape)[1])
+        segs[4].down.copy_(expert_weights(2, 41, shape)[1])
+        assert torch.equal(rng.w2[pool.slot(2, 4)], expert_weights(2, 41, shape)[1])
         # release, then the freed slot takes another expert; the other slots keep theirs
         slot3 = pool.slot(2, 3)
         pool.release(2, 3)
@@ -393,3 +404,50 @@ def test_slot_range_with_page_padded_parts(namespace):
             assert all(_slot_holds(rng, e, 1, e) for e in range(3))
         finally:
             rng.close()
+
+
+# ----- one writer: receivers map read-only -----
+
+def test_receivers_map_read_only(namespace):
+    """Only a segment's creator maps it writable; an attach (a remap, a failover takeover) and
+    every slot of a slot range map it PROT_READ, while the creator's writes still show in them."""
+    shape = SMALL[torch.float32]
+    seg = ExpertSegment.create(segment_name(namespace, 0, 3, "src"), shape)
+    fill(seg, 0, 3)
+    other = ExpertSegment.attach(seg.name, shape)
+    rng = HostSlotRange(3, shape)
+    try:
+        rng.map(1, seg.name)
+        assert protection(seg.gate_up.data_ptr()) == protection(seg.down.data_ptr()) == "rw-s"
+        assert protection(other.gate_up.data_ptr()) == protection(other.down.data_ptr()) == "r--s"
+        assert protection(rng.w13[1].data_ptr()) == protection(rng.w2[1].data_ptr()) == "r--s"
+        assert protection(rng.w13[0].data_ptr()) == "---p", "an empty slot stays PROT_NONE"
+        fill(seg, 0, 4)   # the creator writes through its own mapping; every reader sees it
+        assert holds(other, 0, 4) and _slot_holds(rng, 1, 0, 4)
+    finally:
+        rng.close()
+        other.close()
+
+
+@pytest.mark.parametrize("through", ["slot", "attach"])
+def test_a_write_through_a_receivers_mapping_faults_and_the_source_keeps_its_bytes(namespace, through):
+    """A bug in a receiver that writes into an expert it did not create dies (SIGSEGV) instead of
+    changing what the source serves. In a child process, since the fault is fatal."""
+    shape = SMALL[torch.float32]
+    seg = ExpertSegment.create(segment_name(namespace, 1, 2, "src"), shape)
+    fill(seg, 1, 2)
+    write = {"slot": "r = HostSlotRange(2, shape); r.map(1, name); t = r.w2[1]",
+             "attach": "t = ExpertSegment.attach(name, shape).down"}[through]
+    code = ("import torch\n"
+            "from memory.segments import ExpertSegment, ExpertShape\n"
+            "from memory.slot_range import HostSlotRange\n"
+            f"shape, name = ExpertShape(64, 32, torch.float32), {seg.name!r}\n"
+            f"{write}\n"
+            "print(t.sum().item(), flush=True)\n"
+            "t.fill_(7.0)\n"
+            "print('wrote', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode in (-signal.SIGSEGV, -signal.SIGBUS), (done.returncode, done.stdout, done.stderr[-500:])
+    assert float(done.stdout.split()[0]) == expert_weights(1, 2, shape)[1].sum().item(), "it read the expert"
+    assert "wrote" not in done.stdout
+    assert holds(seg, 1, 2), "the source's bytes changed"
