@@ -12,13 +12,14 @@ import torch
 
 from memory.segments import ExpertSegment, ExpertShape, segment_name
 from experts.wire.auth import PURPOSE_TRANSFER, ServerHandshake, ServerSecret
-from experts.wire.transfer import TransferClient, TransferServer, fetch
+from experts.wire.transfer import PackingMismatch, TransferClient, TransferServer, fetch
 from tests.test_segments import SMALL, SPAWN, _recv, expert_weights, fill, holds, namespace  # noqa: F401
 
 LOOPBACK = "127.0.0.1"
 BIG = ExpertShape(4096, 4352, torch.float32)  # 3 * 4096 * 4352 * 4 B = 214 MB
 EXPERTS = [(0, 0), (0, 3), (2, 1)]
 SECRET = ServerSecret.generate()   # a spawned child gets it as an argument: its import draws another
+PACKING = "plain/-/float32"        # what both ends of these transfers say their bytes are packed for
 
 
 def _serve_child(conn, namespace: str, secret: ServerSecret) -> None:
@@ -34,7 +35,8 @@ def _serve_child(conn, namespace: str, secret: ServerSecret) -> None:
     big.down.copy_(torch.arange(BIG.down_numel, dtype=torch.float32).view_as(big.down))
     segs[big.name] = big
     server = TransferServer(LOOPBACK, lambda name: segs[name].buffer() if name in segs else None,
-                            secret=secret, name_prefix=f"emoe-{namespace}-")
+                            secret=secret, name_prefix=f"emoe-{namespace}-",
+                            packing=PACKING)
     conn.send((server.start(), list(segs)))
     _recv(conn, timeout=120)
     server.stop()
@@ -56,19 +58,20 @@ def test_fetch_across_processes(namespace, capsys):
                 for layer, e in EXPERTS:
                     src = segment_name(namespace, layer, e, f"src_{str(dtype)[6:]}")
                     with ExpertSegment.create(segment_name(namespace, layer, e, "dst"), shape) as dst:
-                        result = client.fetch(src, dst.buffer())
+                        result = client.fetch(src, dst.buffer(), packing=PACKING)
                         assert (result.name, result.nbytes) == (src, shape.nbytes)
                         assert holds(dst, layer, e)
                         dst.unlink()
             with pytest.raises(RuntimeError, match=rf"'emoe-{namespace}-no-such' {route} failed: the peer does not have it"):
-                client.fetch(f"emoe-{namespace}-no-such", memoryview(bytearray(16)))
+                client.fetch(f"emoe-{namespace}-no-such", memoryview(bytearray(16)), packing=PACKING)
             with pytest.raises(RuntimeError, match=f"{route} failed: the peer holds"):
-                client.fetch(names[0], memoryview(bytearray(16)))
+                client.fetch(names[0], memoryview(bytearray(16)), packing=PACKING)
             assert holds_after_refusals(client, names[0], SMALL[torch.float32])
 
         with ExpertSegment.create(segment_name(namespace, 9, 9, "dst_big"), BIG) as dst:
             for attempt in range(2):  # the first also pays for faulting in fresh destination pages
-                result = fetch(address, segment_name(namespace, 9, 9, "src_big"), dst.buffer(), secret=SECRET)
+                result = fetch(address, segment_name(namespace, 9, 9, "src_big"), dst.buffer(), secret=SECRET,
+                               packing=PACKING)
                 with capsys.disabled():
                         print(f"\npeer copy {result.nbytes / 1e6:.0f} MB across processes: "
                           f"{result.seconds * 1e3:.0f} ms, {result.nbytes / result.seconds / 1e9:.2f} "
@@ -81,7 +84,7 @@ def test_fetch_across_processes(namespace, capsys):
         child.join(timeout=30)
         assert child.exitcode == 0
         with pytest.raises(RuntimeError, match="cannot connect"):
-            fetch(address, names[0], memoryview(bytearray(16)), timeout=5, secret=SECRET)
+            fetch(address, names[0], memoryview(bytearray(16)), timeout=5, secret=SECRET, packing=PACKING)
     finally:
         if child.is_alive():
             child.kill()
@@ -91,7 +94,7 @@ def holds_after_refusals(client: TransferClient, name: str, shape: ExpertShape) 
     """Refusals leave the connection usable: the next fetch on it still arrives whole."""
     layer, e = EXPERTS[0]
     dest = torch.zeros(shape.nbytes, dtype=torch.uint8)
-    client.fetch(name, memoryview(dest.numpy()))
+    client.fetch(name, memoryview(dest.numpy()), packing=PACKING)
     gate_up, down = expert_weights(layer, e, shape)
     return torch.equal(dest, torch.cat([gate_up.flatten(), down.flatten()]).view(torch.uint8))
 
@@ -105,8 +108,8 @@ def big_source():
 
 
 def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
-    server = TransferServer(LOOPBACK, lambda name: big_source if name == "big" else None, secret=SECRET,
-                            name_prefix="")
+    server = TransferServer(LOOPBACK, lambda name: big_source if name == "big" else None, secret=SECRET, name_prefix="",
+                            packing=PACKING)
     address = server.start()
     dest = memoryview(bytearray(big_source.nbytes))
     outcome: list = []
@@ -114,7 +117,7 @@ def test_server_stopped_mid_transfer_fails_the_fetch_bounded(big_source):
     def receive() -> None:
         try:
             # Small receives stretch the transfer (~0.25 s here) so stop() lands mid-way.
-            outcome.append(fetch(address, "big", dest, timeout=30, chunk_bytes=8 << 10, secret=SECRET))
+            outcome.append(fetch(address, "big", dest, timeout=30, chunk_bytes=8 << 10, secret=SECRET, packing=PACKING))
         except RuntimeError as e:
             outcome.append(e)
 
@@ -155,11 +158,11 @@ def _fake_peer(reply) -> tuple[tuple[str, int], threading.Thread, socket.socket]
 
 def test_connection_dropped_mid_transfer():
     def half(conn: socket.socket) -> None:
-        conn.sendall(struct.pack("<4sBQ", b"EMT2", 0, 1000) + bytes(400))
+        conn.sendall(struct.pack("<4sBBQ", b"EMT3", 0, len(PACKING), 1000) + PACKING.encode() + bytes(400))
 
     address, thread, listener = _fake_peer(half)
     with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 400 of 1000 bytes"):
-        fetch(address, "x", memoryview(bytearray(1000)), timeout=10, secret=SECRET)
+        fetch(address, "x", memoryview(bytearray(1000)), timeout=10, secret=SECRET, packing=PACKING)
     thread.join(timeout=5)
 
 
@@ -168,7 +171,7 @@ def test_silent_peer_times_out():
     address, thread, listener = _fake_peer(lambda conn: release.wait(10))
     started = time.monotonic()
     with listener, pytest.raises(RuntimeError, match="'x' .* -> local failed after 0 of 8 bytes: timed out"):
-        fetch(address, "x", memoryview(bytearray(8)), timeout=0.5, secret=SECRET)
+        fetch(address, "x", memoryview(bytearray(8)), timeout=0.5, secret=SECRET, packing=PACKING)
     assert time.monotonic() - started < 3
     release.set()
     thread.join(timeout=5)
@@ -191,29 +194,30 @@ def _conn_threads() -> int:
 
 def test_many_fetches_leak_no_threads_or_fds():
     source = memoryview(bytes(range(256)) * 1024)
-    server = TransferServer(LOOPBACK, lambda name: source if name == "s" else None, secret=SECRET, name_prefix="")
+    server = TransferServer(LOOPBACK, lambda name: source if name == "s" else None, secret=SECRET, name_prefix="",
+                            packing=PACKING)
     address = server.start()
     dest = memoryview(bytearray(source.nbytes))
-    fetch(address, "s", dest, secret=SECRET)  # warm up lazily created state before taking the baseline
+    fetch(address, "s", dest, secret=SECRET, packing=PACKING)  # warm up lazily created state before taking the baseline
     _wait_for(lambda: _conn_threads() == 0, "the warm-up connection to end")
     fds, threads = _open_fds(), threading.active_count()
     for _ in range(200):
-        fetch(address, "s", dest, secret=SECRET)
+        fetch(address, "s", dest, secret=SECRET, packing=PACKING)
         with pytest.raises(RuntimeError):
-            fetch(address, "missing", dest, secret=SECRET)
+            fetch(address, "missing", dest, secret=SECRET, packing=PACKING)
     with TransferClient(address, secret=SECRET) as client:
         for _ in range(50):
-            client.fetch("s", dest)
+            client.fetch("s", dest, packing=PACKING)
         assert _conn_threads() == 1, "one connection, one server thread"
     _wait_for(lambda: _open_fds() <= fds and threading.active_count() <= threads,
               f"fds ({fds}) and threads ({threads}) to return to their baseline")
     assert bytes(dest) == bytes(source)
     # stop() closes idle live connections too; the client sees a bounded failure.
     client = TransferClient(address, secret=SECRET)
-    client.fetch("s", dest)
+    client.fetch("s", dest, packing=PACKING)
     server.stop()
     with pytest.raises(RuntimeError, match="failed after 0 of"):
-        client.fetch("s", dest, timeout=5)
+        client.fetch("s", dest, timeout=5, packing=PACKING)
     assert _conn_threads() == 0 and not any(t.name.startswith("emoe-transfer") for t in threading.enumerate())
 
 
@@ -275,3 +279,73 @@ def test_workers_move_packed_bytes_and_compute_from_them(tiny_models, namespace)
     finally:
         for w in workers.values():
             w.stop()
+
+
+# ----- packing: bytes packed for one kernel never reach another -----
+
+def test_a_source_packed_otherwise_is_refused_before_any_byte_moves():
+    """Two nodes whose kernels pack differently (another op library build, another dtype): the
+    source refuses, the receiver raises PackingMismatch naming both packings, its buffer keeps
+    every byte it had, and the connection serves the next fetch."""
+    source = memoryview(bytes(range(256)) * 64)
+    amx, avx2 = "vllm-cpu-amx/_C@0.32.0/bfloat16", "vllm-cpu-vec/_C_AVX2@0.32.0/bfloat16"
+    server = TransferServer(LOOPBACK, lambda name: source if name == "emoe-p-s" else None, secret=SECRET,
+                            name_prefix="emoe-p-", packing=amx)
+    address = server.start()
+    dest = memoryview(bytearray(source.nbytes))
+    try:
+        with TransferClient(address, secret=SECRET) as client:
+            with pytest.raises(PackingMismatch, match=rf"'emoe-p-s' .* refused: the source packs '{amx}' and this "
+                                                      rf"worker '{avx2}'") as refused:
+                client.fetch("emoe-p-s", dest, packing=avx2)
+            assert (refused.value.source, refused.value.receiver) == (amx, avx2)
+            assert bytes(dest) == bytes(source.nbytes), "a byte of the other packing arrived"
+            assert client.fetch("emoe-p-s", dest, packing=amx).nbytes == source.nbytes
+            assert bytes(dest) == bytes(source)
+        with pytest.raises(ValueError, match="packing must be"):
+            fetch(address, "emoe-p-s", dest, secret=SECRET, packing="")
+    finally:
+        server.stop()
+
+
+def test_a_worker_repacks_from_the_checkpoint_what_a_peer_packed_otherwise(tiny_models, namespace):  # noqa: F811
+    """A worker asked to copy an expert from a peer whose kernel packs otherwise (here a source
+    that says so, serving bytes no kernel of ours packed) reads that expert from the checkpoint
+    and packs it itself: its slot holds its own kernel's bytes, counted as loaded, not copied."""
+    from experts.model.checkpoint import Checkpoint
+    from experts.model.spec import load_spec
+    from experts.wire.config import WireConfig
+    from experts.worker.actor import ExpertWorker, Incoming
+
+    d = tiny_models["mixtral"]
+    spec, ck, wire = load_spec(d), Checkpoint(d), WireConfig.generate()
+    b = ExpertWorker("b", namespace, str(d), spec, LOOPBACK, node_id="n", capacity=4, wire=wire)
+    other = "vllm-cpu-amx/_C@0.0.0/float32" if b.packing != "vllm-cpu-amx/_C@0.0.0/float32" else PACKING
+    theirs = {}
+    for layer, e in ((0, 1), (1, 6)):
+        gate, up, down = ck.expert(spec, spec.moe_layers[layer], e)
+        seg = ExpertSegment.create(segment_name(namespace, layer, e, "other"), b.shape)
+        seg.gate_up.copy_(-torch.cat([gate, up]))   # not what any kernel of ours packs
+        seg.down.copy_(-down)
+        theirs[seg.name] = seg
+    peer = TransferServer(LOOPBACK, lambda name: theirs[name].buffer() if name in theirs else None,
+                          secret=wire.secret, name_prefix=f"emoe-{namespace}-", packing=other)
+    address = peer.start()
+    try:
+        got = b.receive([Incoming(layer, e, "peer", segment_name(namespace, layer, e, "other"), address)
+                         for layer, e in ((0, 1), (1, 6))])
+        assert (got.bytes_copied, got.bytes_loaded) == (0, 2 * b.shape.nbytes)
+        for layer, e in ((0, 1), (1, 6)):
+            gate, up, down = ck.expert(spec, spec.moe_layers[layer], e)
+            want13 = torch.empty_like(torch.cat([gate, up]).unsqueeze(0))
+            b.kernel.prepack(torch.cat([gate, up]).unsqueeze(0), want13)
+            want2 = torch.empty_like(down.unsqueeze(0))
+            b.kernel.prepack(down.unsqueeze(0), want2)
+            slot = b.pool.slot(layer, e)
+            assert torch.equal(b.ranges[layer].w13[slot], want13[0]) and torch.equal(b.ranges[layer].w2[slot], want2[0])
+    finally:
+        peer.stop()
+        b.stop()
+        for seg in theirs.values():
+            seg.close()
+            seg.unlink()

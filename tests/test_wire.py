@@ -309,27 +309,30 @@ def test_transfer_port_refuses_an_unproven_fetch():
     secret, prefix = ServerSecret.generate(), "emoe-wiretest-"
     source = memoryview(bytes(range(256)) * 64)
     server = TransferServer(LOOPBACK, lambda name: source if name == prefix + "L0-E1" else None,
-                            secret=secret, name_prefix=prefix)
+                            secret=secret, name_prefix=prefix, packing="plain/-/float32")
     address = server.start()
     dest = memoryview(bytearray(source.nbytes))
     try:
         with pytest.raises(RuntimeError, match="handshake failed"):
-            fetch(address, prefix + "L0-E1", dest, timeout=5, secret=ServerSecret.generate())
+            fetch(address, prefix + "L0-E1", dest, timeout=5, secret=ServerSecret.generate(), packing="plain/-/float32")
         # a raw v1-style request without any handshake: not one byte of the segment comes back
         with socket.create_connection(address) as sock:
-            sock.sendall(b"EMT2" + len(prefix + "L0-E1").to_bytes(2, "little") + source.nbytes.to_bytes(8, "little")
-                         + (prefix + "L0-E1").encode())
+            sock.sendall(b"EMT3" + len(prefix + "L0-E1").to_bytes(2, "little") + bytes([15])
+                         + source.nbytes.to_bytes(8, "little") + (prefix + "L0-E1").encode() + b"plain/-/float32")
             sock.settimeout(3.0)
             got = b""
-            while chunk := sock.recv(1 << 16):
-                got += chunk
+            try:
+                while chunk := sock.recv(1 << 16):
+                    got += chunk
+            except ConnectionResetError:   # closed with our unread request in its buffer
+                pass
             assert got == b""
         assert bytes(dest) == bytes(source.nbytes)
         # a proven peer asking for a name outside this server's namespace gets nothing either
         with TransferClient(address, secret=secret) as client:
             with pytest.raises(RuntimeError, match="refused the request"):
-                client.fetch("emoe-otherserver-L0-E1", dest)
-        assert fetch(address, prefix + "L0-E1", dest, secret=secret).nbytes == source.nbytes
+                client.fetch("emoe-otherserver-L0-E1", dest, packing="plain/-/float32")
+        assert fetch(address, prefix + "L0-E1", dest, secret=secret, packing="plain/-/float32").nbytes == source.nbytes
         assert bytes(dest) == bytes(source)
         assert server.refused == 2
     finally:

