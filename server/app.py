@@ -168,6 +168,7 @@ class Server:
             redundant_experts=c.redundant_experts,
             # workers listen on loopback unless the server joins a cluster that spans nodes
             wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
+        self.metrics.watch_worker_connections(self.controller.refused_connections)
         self.failover = Failover(self.controller, _FailoverMetrics(self.metrics), stopping=self._stopping)
         self.engine.on_worker_lost = self.failover.lost
         # segments of servers killed without cleaning up (SIGKILL) go before ours are made; then

@@ -25,6 +25,7 @@ REQUEST_STATUSES = ("ok", "invalid", "rejected", "cancelled", "error")
 SCALE_DIRECTIONS = ("up", "down", "rebalance")
 SCALE_OUTCOMES = ("committed", "aborted")
 MOVE_PATHS = ("remap", "peer", "disk")
+LISTENERS = ("data", "transfer")   # a worker's internal ports: the data plane, the peer transfer
 
 # Bucket bounds in seconds. Alert thresholds in deploy/prometheus/rules.yml sit on bounds
 # (TTFT 2.5 s, inter-token 0.2 s) so that histogram_quantile does not interpolate across them.
@@ -136,6 +137,37 @@ class _StepPhases:
                                     "worker's compute, lm_head, inputs, sample_and_stream, schedule).",
                                     labels=("phase",)),
                 CounterMetricFamily("elasticmoe_engine_steps", "Engine steps run."))
+
+
+class _RefusedConnections:
+    """`elasticmoe_internal_connections_refused_total{worker, listener}`: connections a worker's
+    internal ports closed unproven (no proof of the server's secret, a handshake past its timeout)
+    or over their limit (experts/wire/framing.py), read from the workers' `stats` when Prometheus
+    scrapes. A worker that is gone takes its series with it (its id is never reused)."""
+
+    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for (worker, listener), count in sorted(self._source().items()):
+            _check_label("listener", listener, LISTENERS)
+            _check_count("count", count)
+            family.add_metric((worker, listener), count)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "elasticmoe_internal_connections_refused",
+            "Connections a worker's internal port (listener: data = the exchange, transfer = peer "
+            "copies) closed without serving them: the peer did not prove it holds the server's "
+            "secret, or the port was at its connection limit.",
+            labels=("worker", "listener"),
+        )
 
 
 class ServerMetrics:
@@ -347,6 +379,11 @@ class ServerMetrics:
     def watch_engine_phases(self, source: Callable[[], tuple[dict[str, float], int]]) -> None:
         """Export the engine's per-phase step time; `source()` -> (seconds by phase, steps)."""
         self.registry.register(_StepPhases(source))
+
+    def watch_worker_connections(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Export the connections workers' internal ports refused; `source()` -> {(worker,
+        listener): refused so far}, called at every scrape (the controller asks the workers)."""
+        self.registry.register(_RefusedConnections(source))
 
     # -- exposition ----------------------------------------------------------------------------
 

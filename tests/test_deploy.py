@@ -312,6 +312,7 @@ def test_dashboard_and_rules_on_a_live_prometheus(tmp_path: Path) -> None:
     m = ServerMetrics()
     profile = StepProfile(enabled=True)   # the engine's own phase timer, as app.py wires it
     m.watch_engine_phases(profile.snapshot)
+    m.watch_worker_connections(lambda: {("w1", "data"): 1, ("w1", "transfer"): 0})
     feed(m, 0, profile)
     port = m.serve("127.0.0.1", 0)
     config = load_yaml(PROMETHEUS)

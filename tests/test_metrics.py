@@ -87,7 +87,8 @@ def value(metrics: ServerMetrics, name: str, **labels: str) -> float:
 # (test_exercised_calls_every_verb), so a family registered only when it is called is checked too.
 VERBS = {"request_finished", "inter_token", "tokens", "queue", "kv_cache_usage", "workers", "topology_version",
          "scale_event", "bytes_moved", "expert_tokens", "expert_load_imbalance", "autoscaler_target",
-         "worker_lost", "failover", "failover_failed", "degraded", "watch_engine_phases"}  # fmt: skip
+         "worker_lost", "failover", "failover_failed", "degraded", "watch_engine_phases",
+         "watch_worker_connections"}  # fmt: skip
 
 
 def exercised() -> ServerMetrics:
@@ -114,6 +115,7 @@ def exercised() -> ServerMetrics:
     profile.add("experts", 0.5)
     profile.steps = 2
     m.watch_engine_phases(profile.snapshot)
+    m.watch_worker_connections(lambda: {("w1", "data"): 2, ("w1", "transfer"): 0})
     return m
 
 

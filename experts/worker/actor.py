@@ -253,7 +253,9 @@ class ExpertWorker:
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
                 "kernel": self.kernel.name, "packing": self.packing, "threads": self.threads,
-                "slots": self.pool.snapshot()}
+                "slots": self.pool.snapshot(),
+                # connections its internal ports closed unproven or over their limit (experts/wire/framing.py)
+                "refused": {"data": self.data.acceptor.refused, "transfer": self.transfer.refused}}
 
     def stop(self, unlink_held: bool = False) -> None:
         """Stop serving and remove the names of the segments it created and still holds: the

@@ -77,6 +77,7 @@ class Controller:
         self._standby_lock = threading.Lock()
         self._standby_starting = 0
         self._links: dict[str, ExchangeLink] = {}
+        self._asking = threading.Lock()   # a metrics scrape asking the workers; shutdown waits for it
 
     # -- workers --------------------------------------------------------------------------
     def _start_workers(self, count: int, use_standby: bool = True) -> list[_Live]:
@@ -288,6 +289,26 @@ class Controller:
                     pass
         return [w for w in topo.workers if w not in answered]
 
+    def refused_connections(self, timeout: float = 1.0) -> dict[tuple[str, str], int]:
+        """(worker, listener) -> connections its internal ports refused so far, from the `stats`
+        of every live and standby worker that answers within `timeout` (a metrics scrape asks)."""
+        with self._asking:
+            handles = {w: live.handle for w, live in list(self._live.items())}
+            handles |= {live.info.worker_id: live.handle for live in list(self._standby)}
+            if not handles:
+                return {}
+            refs = {w: h.stats.remote() for w, h in handles.items()}
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+            out: dict[tuple[str, str], int] = {}
+            for w, ref in refs.items():
+                if ref in ready:
+                    try:
+                        refused = ray.get(ref, timeout=0)["refused"]
+                    except Exception:   # gone since: its series ends with it
+                        continue
+                    out |= {(w, listener): n for listener, n in refused.items()}
+            return out
+
     def _forget(self, worker: str) -> None:
         """Drop a lost worker's link and process (SIGKILL: a hung one may never answer `stop`)."""
         link = self._links.pop(worker, None)
@@ -448,3 +469,5 @@ class Controller:
             if held:
                 self._lock.release()
         self._links.clear()
+        with self._asking:   # a scrape that was asking the workers has finished: Ray may go
+            pass
