@@ -118,7 +118,7 @@ def served(model_dir, env: dict[str, str], log_path) -> Iterator[grpc.Channel]:
 
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--workers", "2",
-           "--port", str(port), "--metrics-port", "-1", "--ray-num-cpus", "4"]
+           "--port", str(port), "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "4"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

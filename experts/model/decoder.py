@@ -8,9 +8,12 @@ is the backend's business.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from experts.kernels.linear import Linear, select_linear
 from experts.model.attention import AttentionBatch, StepAttention, rope
 from experts.model.kv_cache import KVCache
 from experts.model.spec import ModelSpec
@@ -23,29 +26,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+log = logging.getLogger(__name__)
+
+
+def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
+    """down(silu(gate x) * up x), gate and up as one matmul (one read of x)."""
+    g, u = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(g) * u)
 
 
 class MoEModel:
     """Weights are the checkpoint's non-expert tensors, by their Hugging Face names. Every phase
-    runs under torch.inference_mode (the caller need not)."""
+    runs under torch.inference_mode (the caller need not). Every matrix becomes a `Linear`
+    (experts/kernels/linear.py: vLLM's oneDNN matmul over a weight packed once, or F.linear);
+    `self.w` keeps the rest (embeddings, norms)."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
         self.spec = spec
         self.w = weights
+        dtype = weights["model.embed_tokens.weight"].dtype
+        make, why = select_linear(dtype)
+        log.info("dense layers: %s (%s)", make.__name__, why)
         if spec.tie_embeddings and "lm_head.weight" not in weights:
             self.w["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self.linear: dict[str, Linear] = {"lm_head": make(self.w.pop("lm_head.weight"), None)}
         # q, k and v as one matrix: one matmul reads x once instead of three times
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self._qkv_split = (q_out, kv_out, kv_out)
-        for layer in range(spec.num_layers):
-            p = f"model.layers.{layer}.self_attn"
-            self.w[f"{p}.qkv.weight"] = torch.cat([self.w.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
-            if spec.qkv_bias:
-                self.w[f"{p}.qkv.bias"] = torch.cat([self.w.pop(f"{p}.{n}_proj.bias") for n in "qkv"])
         block = "block_sparse_moe" if spec.family == "mixtral" else "mlp"
         self._moe_prefix = {layer: f"model.layers.{layer}.{block}" for layer in spec.moe_layers}
+        for layer in range(spec.num_layers):
+            p = f"model.layers.{layer}.self_attn"
+            qkv = torch.cat([self.w.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
+            bias = torch.cat([self.w.pop(f"{p}.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None
+            self.linear[f"{p}.qkv"] = make(qkv, bias)
+            self.linear[f"{p}.o_proj"] = make(self.w.pop(f"{p}.o_proj.weight"), None)
+            if layer in self._moe_prefix:
+                m = self._moe_prefix[layer]
+                self.linear[f"{m}.gate"] = make(self.w.pop(f"{m}.gate.weight"), None)
+                if spec.shared_intermediate:
+                    self._mlp(make, f"{m}.shared_expert")
+                    self.linear[f"{m}.shared_expert_gate"] = make(self.w.pop(f"{m}.shared_expert_gate.weight"), None)
+            else:
+                self._mlp(make, f"model.layers.{layer}.mlp")
+
+    def _mlp(self, make, p: str) -> None:
+        """A SwiGLU MLP's three matrices as two layers: gate and up stacked, then down."""
+        gate_up = torch.cat([self.w.pop(f"{p}.gate_proj.weight"), self.w.pop(f"{p}.up_proj.weight")])
+        self.linear[f"{p}.gate_up"] = make(gate_up, None)
+        self.linear[f"{p}.down"] = make(self.w.pop(f"{p}.down_proj.weight"), None)
 
     def is_moe(self, layer: int) -> bool:
         return layer in self._moe_prefix
@@ -70,7 +99,7 @@ class MoEModel:
         spec, w = self.spec, self.w
         p = f"model.layers.{layer}.self_attn"
         t = x.shape[0]
-        q, k, v = F.linear(x, w[f"{p}.qkv.weight"], w.get(f"{p}.qkv.bias")).split(self._qkv_split, dim=-1)
+        q, k, v = self.linear[f"{p}.qkv"](x).split(self._qkv_split, dim=-1)
         if spec.qk_norm == "full":  # OLMoE: over the whole projection, before the head split
             q = rms_norm(q, w[f"{p}.q_norm.weight"], spec.rms_eps)
             k = rms_norm(k, w[f"{p}.k_norm.weight"], spec.rms_eps)
@@ -84,19 +113,19 @@ class MoEModel:
             k = rms_norm(k, w[f"{p}.k_norm.weight"], spec.rms_eps)
         cos, sin = attn.batch.rotary(spec.head_dim, spec.rope_theta, q.dtype)
         out = attn(rope(q, cos, sin), rope(k, cos, sin), v, cache.k[layer], cache.v[layer])
-        return F.linear(out.reshape(t, -1), w[f"{p}.o_proj.weight"])
+        return self.linear[f"{p}.o_proj"](out.reshape(t, -1))
 
     @torch.inference_mode()
     def dense_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """A dense layer's MLP: x [T, D] -> [T, D], to add to the residual stream."""
         p = f"model.layers.{layer}.mlp"
-        return swiglu(x, self.w[f"{p}.gate_proj.weight"], self.w[f"{p}.up_proj.weight"], self.w[f"{p}.down_proj.weight"])
+        return swiglu(x, self.linear[f"{p}.gate_up"], self.linear[f"{p}.down"])
 
     @torch.inference_mode()
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router: x [T, D] -> (topk_ids [T, A], topk_weights [T, A] in x's dtype)."""
         spec = self.spec
-        logits = F.linear(x, self.w[f"{self._moe_prefix[layer]}.gate.weight"])
+        logits = self.linear[f"{self._moe_prefix[layer]}.gate"](x)
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
         if spec.norm_topk_prob:
@@ -109,12 +138,11 @@ class MoEModel:
         if not self.spec.shared_intermediate:
             return None
         p = self._moe_prefix[layer]
-        shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"], self.w[f"{p}.shared_expert.up_proj.weight"],
-                        self.w[f"{p}.shared_expert.down_proj.weight"])
-        return torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+        shared = swiglu(x, self.linear[f"{p}.shared_expert.gate_up"], self.linear[f"{p}.shared_expert.down"])
+        return torch.sigmoid(self.linear[f"{p}.shared_expert_gate"](x)) * shared
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """h [T, D] -> float32 logits [B, V] of each sequence's last new token."""
         h = rms_norm(h[batch.last_index], self.w["model.norm.weight"], self.spec.rms_eps)
-        return F.linear(h, self.w["lm_head.weight"]).float()
+        return self.linear["lm_head"](h).float()
