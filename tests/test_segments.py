@@ -18,6 +18,7 @@ import uuid
 import pytest
 import torch
 
+from memory.owners import disown_namespace
 from memory.segments import ExpertSegment, ExpertShape, segment_name, unlink_namespace
 from memory.slot_range import HostSlotRange
 from memory.slots import SlotPool
@@ -57,6 +58,7 @@ def namespace():
     ns = f"t{os.getpid()}{uuid.uuid4().hex[:8]}"
     yield ns
     unlink_namespace(ns)
+    disown_namespace(ns)   # an in-process worker claimed it (memory/owners.py)
 
 
 def _recv(conn, timeout: float = 60.0):
