@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -109,16 +111,57 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> Encoding: ...
 
 
+class LoopMailbox:
+    """Every output the engine thread hands to one event loop, delivered in one wake-up per burst.
+
+    The engine emits a token for each running request at the end of every step; waking the loop
+    once per token (a self-pipe write each, and the loop thread taking the GIL from the engine
+    thread as many times) cost the engine about 4% of its step at batch 32. A post that finds the
+    mailbox empty schedules one drain; the posts after it ride along until the loop runs it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Output]] = []
+
+    def post(self, queue: "asyncio.Queue[Output]", out: Output) -> None:
+        with self._lock:
+            self._pending.append((queue, out))
+            if len(self._pending) > 1:
+                return   # a drain is scheduled already and will take this one too
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            pass   # the loop is closed: the API stopped and nobody reads these streams any more
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for queue, out in batch:
+            queue.put_nowait(out)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox]" = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+    """The one mailbox of `loop`."""
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = LoopMailbox(loop)
+        return box
+
+
 class LoopOutputs:
     """A request's outputs as the engine thread puts them (it only ever calls `put`), delivered to
-    the stream's coroutine on the API's event loop (gRPC's or HTTP's)."""
+    the stream's coroutine on the API's event loop (gRPC's or HTTP's) through the loop's mailbox."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._box = mailbox(loop)
 
     def put(self, out: Output) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:
-            pass   # the loop is closed: the API stopped and nobody reads this stream any more
+        self._box.post(self.queue, out)
