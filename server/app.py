@@ -31,6 +31,7 @@ from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
 from server.engine.threads import engine_threads
 from server.engine.request import EngineObserver, Request
+from server.api.deadline import WriteDeadline
 from server.api.front import GrpcFront
 from server.api.grpc_service import AdminServicer, InferenceServicer
 from server.api.chat_template import load_chat_template
@@ -279,7 +280,8 @@ class Server:
     def _start_grpc(self) -> None:
         c = self.config
         prompts = PromptEncoder(self.tokenizer, self.engine.max_model_len)
-        inference = InferenceServicer(self.engine, prompts, self.stats)
+        inference = InferenceServicer(self.engine, prompts, self.stats, WriteDeadline(
+            c.stream_write_timeout_s, lambda: self.metrics.stream_write_timeout("grpc")))
         admin = AdminServicer(self.controller, self, self.operations.registry)
         self.front = GrpcFront(c, inference, admin)
         bound = self.front.start()
@@ -289,7 +291,9 @@ class Server:
         c = self.config
         # the same prompt rules as gRPC (server/api/prompts.py: size bound, then tokenizing)
         api = HttpApi(self.engine, PromptEncoder(self.tokenizer, self.engine.max_model_len).encode, self.stats, c.model,
-                      load_chat_template(c.model), api_key=c.api_key)
+                      load_chat_template(c.model), WriteDeadline(
+                          c.stream_write_timeout_s, lambda: self.metrics.stream_write_timeout("http")),
+                      api_key=c.api_key)
         self.http = HttpFront(api, c.host, c.http_port)
         self.http_port = self.http.port
         self.http.start()

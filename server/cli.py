@@ -53,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
         slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
         worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token, api_key=args.api_key,
-        admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace)
+        admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace,
+        max_streams_per_connection=args.max_streams_per_connection, stream_write_timeout_s=args.stream_write_timeout)
     server = Server(config)
     stop = threading.Event()
 
@@ -262,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC server reflection (the API is public anyway; on by default)")
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds running streams get to finish before they are cancelled")
+    s.add_argument("--max-streams-per-connection", type=int, default=100,
+                   help="concurrent streams one gRPC (HTTP/2) connection may open; more are refused")
+    s.add_argument("--stream-write-timeout", type=float, default=30.0,
+                   help="seconds a streamed message may wait for its client to read it; then the stream ends "
+                        "and its request is cancelled")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo-model", help="write a small random-weight checkpoint")

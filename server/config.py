@@ -47,6 +47,9 @@ class ServerConfig:
                                           # loopback hosts, else 127.0.0.1:port+1
     reflection: bool = True               # the schema is public (CONTRACT); grpcurl works without files
     shutdown_grace_s: float = 30.0        # SIGTERM/SIGINT: running streams get this long to finish
+    max_streams_per_connection: int = 100 # HTTP/2 streams one gRPC connection may hold open at once
+    stream_write_timeout_s: float = 30.0  # a stream write its client leaves unread this long ends the
+                                          # stream and cancels its request
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -93,6 +96,10 @@ class ServerConfig:
                 raise ValueError(f"--admin-address {self.admin_address!r} must be HOST:PORT")
         if not self.shutdown_grace_s >= 0:
             raise ValueError(f"--shutdown-grace {self.shutdown_grace_s!r} must be >= 0")
+        if self.max_streams_per_connection < 1:
+            raise ValueError(f"--max-streams-per-connection {self.max_streams_per_connection!r} must be >= 1")
+        if not 0 < self.stream_write_timeout_s < float("inf"):
+            raise ValueError(f"--stream-write-timeout {self.stream_write_timeout_s!r} must be a number of seconds > 0")
 
     @property
     def num_blocks(self) -> int:

@@ -26,6 +26,7 @@ SCALE_DIRECTIONS = ("up", "down", "rebalance")
 SCALE_OUTCOMES = ("committed", "aborted")
 MOVE_PATHS = ("remap", "peer", "disk")
 LISTENERS = ("data", "transfer")   # a worker's internal ports: the data plane, the peer transfer
+STREAM_APIS = ("grpc", "http")
 
 # Bucket bounds in seconds. Alert thresholds in deploy/prometheus/rules.yml sit on bounds
 # (TTFT 2.5 s, inter-token 0.2 s) so that histogram_quantile does not interpolate across them.
@@ -269,6 +270,11 @@ class ServerMetrics:
         self._degraded = Gauge(
             "elasticmoe_degraded", "1 while a lost worker is not yet replaced (or a failover attempt "
             "failed), else 0.", registry=r)
+        self._stream_write_timeouts = Counter(
+            "elasticmoe_stream_write_timeouts",
+            "Streams ended by the server because their client left a message unread longer than "
+            "--stream-write-timeout (their requests are cancelled), by API.",
+            ["api"], registry=r)
 
         # Children that exist from the start export 0, so rate() and dashboards see every known
         # label value before the first event instead of a series that appears out of nowhere.
@@ -280,6 +286,8 @@ class ServerMetrics:
                 self._scale_events.labels(direction=direction, outcome=outcome)
         for path in MOVE_PATHS:
             self._bytes_moved.labels(path=path)
+        for api in STREAM_APIS:
+            self._stream_write_timeouts.labels(api=api)
 
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
@@ -315,6 +323,11 @@ class ServerMetrics:
         _check_count("waiting", waiting)
         self._running.set(running)
         self._waiting.set(waiting)
+
+    def stream_write_timeout(self, api: str) -> None:
+        """Count one stream ended because its client read nothing for the write deadline."""
+        _check_label("api", api, STREAM_APIS)
+        self._stream_write_timeouts.labels(api=api).inc()
 
     def kv_cache_usage(self, ratio: float) -> None:
         if not 0.0 <= ratio <= 1.0:  # also rejects NaN

@@ -285,6 +285,7 @@ def feed(m: ServerMetrics, step: int, profile: StepProfile) -> None:
         m.request_finished("ok", duration_s=0.5 + i / 10, ttft_s=0.05 + i / 100)
         m.inter_token(0.01 + i / 1000)
     m.request_finished("cancelled", duration_s=0.2)
+    m.stream_write_timeout("grpc" if step % 2 else "http")
     m.tokens(prompt=50, generated=100)
     m.queue(running=4, waiting=step % 3)
     m.kv_cache_usage(0.5)

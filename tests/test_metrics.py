@@ -88,7 +88,8 @@ def value(metrics: ServerMetrics, name: str, **labels: str) -> float:
 VERBS = {"request_finished", "inter_token", "tokens", "queue", "kv_cache_usage", "workers", "topology_version",
          "scale_event", "bytes_moved", "expert_tokens", "expert_load_imbalance", "autoscaler_target",
          "worker_lost", "failover", "failover_failed", "degraded", "watch_engine_phases",
-         "watch_worker_connections"}  # fmt: skip
+         "watch_worker_connections",
+         "stream_write_timeout"}  # fmt: skip
 
 
 def exercised() -> ServerMetrics:
@@ -110,6 +111,7 @@ def exercised() -> ServerMetrics:
     m.failover(0.2)
     m.failover_failed()
     m.degraded(True)
+    m.stream_write_timeout("grpc")
     profile = StepProfile(enabled=True)   # the engine's own profile, as app.py wires it
     profile.add("attention", 0.25)
     profile.add("experts", 0.5)
@@ -244,6 +246,7 @@ def test_servers_in_one_process_do_not_share_metrics() -> None:
         lambda m: m.expert_tokens(0, [0.5, 1.0]),
         lambda m: m.expert_tokens(0, [[1, 2]]),
         lambda m: m.autoscaler_target(-1),
+        lambda m: m.stream_write_timeout("websocket"),
     ],
 )
 def test_bad_values_raise_value_error(call) -> None:

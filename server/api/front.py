@@ -6,6 +6,10 @@ its own address: `--admin-address`, or 127.0.0.1 on port+1 when Inference is bou
 loopback without one, so Admin is never public by accident. Both serve Health; reflection is on
 unless `--no-reflection`. With `--tls-cert/--tls-key` every port speaks TLS (mutual with
 `--tls-client-ca`); with `--admin-token` every Admin RPC needs `authorization: Bearer <token>`.
+One HTTP/2 connection may hold `--max-streams-per-connection` streams open at once (its SETTINGS
+say so; a stream beyond is refused with REFUSED_STREAM), so a client that stalls its streams holds
+a bounded number of them per connection: the write deadline (`grpc_service.py`) cancels their
+requests, but grpc.aio keeps each HTTP/2 stream until the client reads, cancels or disconnects.
 """
 from __future__ import annotations
 
@@ -137,7 +141,8 @@ class GrpcFront:
         # the credential check first: a refused call reaches nothing else
         interceptors = ([AdminAuth(c.admin_token)] if c.admin_token else []) + [PlainStreams(ADMIN, self._pool)]
         server = grpc.aio.server(migration_thread_pool=self._pool, interceptors=interceptors,
-                                 options=[("grpc.so_reuseport", 0)])
+                                 options=[("grpc.so_reuseport", 0),
+                                          ("grpc.max_concurrent_streams", c.max_streams_per_connection)])
         if INFERENCE in services:
             server.add_generic_rpc_handlers((self.inference.handlers(),))
         if ADMIN in services:

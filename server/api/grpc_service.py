@@ -2,8 +2,9 @@
 
 Inference runs on an asyncio gRPC server (`front.py`): a stream waiting for its reader (a slow or
 stalled client) is a suspended coroutine, not a thread, so it cannot starve Health, Admin or other
-streams. Admin's methods are plain functions run in that server's thread pool (a Scale blocks for
-seconds).
+streams; and a write its client leaves unread past the write deadline (`deadline.py`) ends the
+stream and cancels its request. Admin's methods are plain functions run in that server's thread
+pool (a Scale blocks for seconds).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import grpc
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
+from server.api.deadline import StalledReader, WriteDeadline
 from server.api.operations_proto import operation_to_proto, scale_response
 from server.api.lenient import Undecodable, decode_generate
 from server.api.prompts import PromptEncoder
@@ -57,10 +59,12 @@ def topology_to_proto(topo: Topology | None, moe_layers: tuple[int, ...], num_ex
 class InferenceServicer:
     """Inference.Generate."""
 
-    def __init__(self, engine: Engine, prompts: PromptEncoder, observer: EngineObserver) -> None:
+    def __init__(self, engine: Engine, prompts: PromptEncoder, observer: EngineObserver,
+                 deadline: WriteDeadline) -> None:
         self.engine = engine
         self.prompts = prompts
         self.observer = observer   # counts requests refused before they reach the engine
+        self.deadline = deadline   # how long one message may wait for its client to read it
         # tokenizing takes milliseconds per KB: off the event loop, so streams keep flowing meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
@@ -103,6 +107,10 @@ class InferenceServicer:
             await self._refuse(context, "rejected", grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
             await self._stream(req, outputs, context)
+        except StalledReader as exc:
+            log.warning("Generate %s: %s", rid, exc)
+            self.engine.cancel(req)   # now, not after the status had its second
+            await self._end_stalled(context, str(exc))
         finally:
             # the RPC ended for any reason (a client cancel and a passed deadline cancel this
             # coroutine): the request's KV blocks are freed at the next engine step; after a
@@ -110,6 +118,9 @@ class InferenceServicer:
             self.engine.cancel(req)
 
     async def _stream(self, req: Request, outputs: LoopOutputs, context: grpc.aio.ServicerContext) -> None:
+        # headers first, on their own: then a stalled stream can still be given its status (a
+        # status would otherwise have to carry the headers, which wait behind the pending write)
+        await self.deadline.write(context.send_initial_metadata(()))
         while True:
             out = await outputs.queue.get()
             if out.finish == "rejected":   # counted by the engine
@@ -125,11 +136,24 @@ class InferenceServicer:
                 msg.prompt_tokens = out.prompt_tokens
                 msg.completion_tokens = out.completion_tokens
             # a client that reads nothing (a zero HTTP/2 window) suspends this coroutine here and
-            # holds no thread; grpc.aio cannot cancel a write pending in the transport, so the
-            # stream stays until the client's deadline or connection ends it
-            await context.write(msg)
+            # holds no thread, until the write deadline
+            await self.deadline.write(context.write(msg))
             if out.finish:
                 return
+
+    @staticmethod
+    async def _end_stalled(context: grpc.aio.ServicerContext, why: str) -> None:
+        """End a stalled stream with DEADLINE_EXCEEDED. grpc.aio has no server-side cancel: the
+        status is queued behind the message the client never read, and a client that reads again
+        gets both; one that does not holds that HTTP/2 stream (one of
+        --max-streams-per-connection) until it cancels, its deadline passes or its connection
+        closes. Whatever `abort` raises (its status not sent within a second, or refused while
+        the headers are still pending), grpc.aio ends the RPC by the abort it records first."""
+        try:
+            async with asyncio.timeout(1.0):
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        except Exception:   # noqa: BLE001 - see above; a CancelledError (client gone) still propagates
+            pass
 
 
 def _planned(op: Operation | None) -> bool:

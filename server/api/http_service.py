@@ -4,7 +4,10 @@ server process; the same engine, limits, request rules (`requests.py`) and metri
 
 A stream is a coroutine, not a thread: the engine thread hands each output to the event loop
 (`LoopOutputs`), so a thousand idle clients cost no threads. A client that goes away (its
-connection closes) cancels its request, which frees its KV blocks at the next engine step.
+connection closes) cancels its request, which frees its KV blocks at the next engine step; so does
+one that stops reading an SSE stream for the write deadline (`deadline.py`). Over TCP that deadline
+only starts once the socket buffers are full (megabytes on Linux loopback), and the connection then
+stays until the client leaves: uvicorn closes it only after flushing what it holds.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from starlette.routing import Route
 
 from server.api import openai_schema as oa
 from server.api.chat_template import ChatTemplate
+from server.api.deadline import StalledReader, WriteDeadline
 from server.api.requests import InvalidField, LoopOutputs, refusal_of
 from server.engine.loop import Engine
 from server.engine.request import EngineObserver, Output, Request
@@ -46,13 +50,36 @@ class ApiError(Exception):
         return JSONResponse(oa.error_body(self.message, KIND[self.status], self.param, self.code), self.status)
 
 
+class DeadlineStream(StreamingResponse):
+    """A streamed response whose every send has the write deadline. A stalled client ends it: the
+    body's generator is closed (its `finally` cancels the request) and the response is left
+    unfinished, which uvicorn logs and answers by closing the connection."""
+
+    def __init__(self, content: AsyncIterator[str], deadline: WriteDeadline, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.deadline = deadline
+
+    async def stream_response(self, send: Callable[[Any], Any]) -> None:
+        async def send_by_deadline(message: Any) -> None:
+            await self.deadline.write(send(message))
+
+        try:
+            await super().stream_response(send_by_deadline)
+        except StalledReader as exc:
+            log.warning("HTTP stream: %s", exc)
+            await self.body_iterator.aclose()
+
+
 class HttpApi:
     """The routes. `encode` turns a text prompt into ids (ValueError naming `prompt` if it cannot);
-    `chat` is the checkpoint's chat template (None: /v1/chat/completions answers 400)."""
+    `chat` is the checkpoint's chat template (None: /v1/chat/completions answers 400); `deadline`
+    bounds how long one SSE message may wait for its client."""
 
     def __init__(self, engine: Engine, encode: Callable[[str], list[int]], observer: EngineObserver,
-                 model_id: str, chat: ChatTemplate | None, api_key: str | None = None) -> None:
+                 model_id: str, chat: ChatTemplate | None, deadline: WriteDeadline,
+                 api_key: str | None = None) -> None:
         self.engine = engine
+        self.deadline = deadline
         self._api_key = api_key.encode() if api_key else None
         self.encode = encode
         self.observer = observer   # counts requests refused before they reach the engine
@@ -118,8 +145,8 @@ class HttpApi:
         if first.finish in ("error", "cancelled", "rejected"):
             return self._failed(first).response()
         if common.stream:
-            return StreamingResponse(self._events(req, outputs, first, rid, created, chat, common.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return DeadlineStream(self._events(req, outputs, first, rid, created, chat, common.include_usage),
+                                  self.deadline, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             text, out = first.text, first
             while out.finish is None:
