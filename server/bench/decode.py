@@ -36,6 +36,27 @@ def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return out
 
 
+def _cpu_seconds(srv: ServerProcess) -> dict[str, float]:
+    """CPU seconds used so far by the engine process, the expert workers and the rest of Ray: a
+    measure of work that a loaded machine inflates far less than wall time."""
+    import psutil  # ray depends on it
+
+    out = {"engine": 0.0, "workers": 0.0, "ray": 0.0}
+    for pid in srv.pids():
+        try:
+            proc = psutil.Process(pid)
+            t = proc.cpu_times()
+            role = "engine" if pid == srv.proc.pid else "workers" if "RayWorker" in " ".join(proc.cmdline()) else "ray"
+        except psutil.Error:
+            continue
+        out[role] += t.user + t.system
+    return out
+
+
+def _cpu_ms_per_step(before: dict[str, float], after: dict[str, float], steps: float) -> dict[str, float]:
+    return {role: 1000.0 * (after[role] - before[role]) / max(steps, 1) for role in before}
+
+
 def bench_server(model: str, workers: int, dtype: str, batches: list[int], tokens: int, vocab: int,
                  prefill_len: int) -> tuple[list[dict], list[int]]:
     """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1."""
@@ -50,17 +71,19 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     with ServerProcess(model, workers, *extra) as srv:
         run_batch(srv.channel, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
-            m0 = srv.metrics()
+            m0, c0 = srv.metrics(), _cpu_seconds(srv)
             wall, logs = run_batch(srv.channel, _prompts(b, vocab), tokens)
-            m1 = srv.metrics()
+            m1, c1 = srv.metrics(), _cpu_seconds(srv)
             errors = [log.error for log in logs if log.error]
             if errors:
                 raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
             if b == batches[0]:
                 first = logs[0].tokens
             n = sum(len(log.tokens) for log in logs)
+            phases = _phase_ms(m0, m1)
             rows.append({"system": name, "dtype": dtype, "kind": "decode", "batch": b, "tokens": n, "seconds": wall,
-                         "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)})
+                         "tokens_per_s": n / wall, "phases_ms": phases,
+                         "cpu_ms_per_step": _cpu_ms_per_step(c0, c1, phases["steps"])})
             say(f"  batch {b:3d}: {n / wall:.1f} tok/s")
         if prefill_len:
             prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
@@ -239,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
     _ratios(rows)
     print()
     print_table(["system", "dtype", "kind", "batch", "tok/s", "x vLLM", "step ms", "attention", "router",
-                 "exchange", "expert FFN", "other"],
+                 "exchange", "expert FFN", "other", "CPU ms/step engine", "workers"],
                 [[r["system"], r["dtype"], r["kind"], r["batch"], r["tokens_per_s"],
-                  "-" if r.get("vs_vllm") is None else f"{r['vs_vllm']:.2f}", *_breakdown(r)] for r in rows])
+                  "-" if r.get("vs_vllm") is None else f"{r['vs_vllm']:.2f}", *_breakdown(r), *_cpu(r)] for r in rows])
     layers = len(spec.moe_layers)
     floor_ms = {b: 1000 * layers * f for b, f in floors.items()}
     print("\nfloor of the exchange (one bare TCP round trip per MoE layer carrying all the step's rows) "
@@ -269,6 +292,12 @@ def _common_prefix(a: list[int], b: list[int]):
         if x != y:
             return
         yield x
+
+
+def _cpu(row: dict) -> list[object]:
+    """CPU ms per step of the engine process and of all expert workers together."""
+    c = row.get("cpu_ms_per_step")
+    return [c["engine"], c["workers"]] if c else ["-", "-"]
 
 
 def _breakdown(row: dict) -> list[object]:
