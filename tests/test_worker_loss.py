@@ -5,14 +5,21 @@ had. One long stream is shown to be mid-generation when the worker is dead (the 
 with some but not all of its tokens) and completes with transformers' greedy tokens."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
+import pytest
 import ray
 import torch
 
+from experts.wire.auth import ServerSecret
+from experts.wire.messages import WorkerLost
+from experts.wire.ring import RingLink
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from tests.conftest import Traffic, generate, running_server
+from tests.test_wire import SPAWN, exchange, pairs, serve_child
 
 PROMPTS = [[5, 17, 33, 8], [100, 7, 9, 11, 250, 3], list(range(40, 60)), [3, 1, 4, 1, 5, 9, 2, 6]]
 LONG_PROMPT, LONG_TOKENS = [21, 8, 300, 42, 7], 160
@@ -69,3 +76,30 @@ def test_streams_survive_a_worker_killed_while_serving(tiny_models, ray_local):
         text = server.metrics.render().decode()
         assert 'elasticmoe_expert_bytes_moved_total{path="disk"}' in text
         assert [generate(server.channel, p, max_tokens=24, ignore_eos=True)[0] for p in PROMPTS] == expected
+
+
+def test_a_worker_whose_process_exits_is_lost_by_its_exit_not_its_socket():
+    """The engine's ring link follows the worker's process (same node, same pids): a SIGKILLed worker
+    is exiting within a millisecond, while its end of the lifeline closes only once the kernel has torn
+    down its address space (60-160 ms for a serving worker on 2 loaded cores). The reply it owes is not
+    waited for: the link checks the process first, so the loss is named by the exit."""
+    secret = ServerSecret.generate()
+    parent, child_end = SPAWN.Pipe()
+    child = SPAWN.Process(target=serve_child, args=(child_end, secret, f"emoe-losstest-{os.getpid()}-"))
+    child.start()
+    try:
+        assert parent.poll(60), "the worker process did not start"
+        link = RingLink("w7", parent.recv(), secret, timeout=60)
+        link.follow(child.pid)
+        x, ids, counts, w = pairs(1, 4, [2])
+        exchange(link, 0, x, ids, counts, w)
+        os.kill(child.pid, signal.SIGKILL)   # not joined: a zombie, as a dead Ray worker is until reaped
+        started = time.monotonic()
+        with pytest.raises(WorkerLost, match="worker w7: ring reply on layer 0: the worker's process exited"):
+            exchange(link, 0, x, ids, counts, w)
+        assert time.monotonic() - started < 5.0, "noticed by the timeout, not the exit"
+        link.close()
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=30)

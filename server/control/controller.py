@@ -22,6 +22,7 @@ import ray
 
 from experts.wire.config import WireConfig
 from experts.wire.dataplane import ExchangeLink, open_link
+from experts.wire.ring import RingLink
 from experts.placement.planner import Placement, Plan, plan_placement
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
@@ -373,8 +374,11 @@ class Controller:
             try:
                 # a worker on the engine's node gets a shared-memory ring, others TCP
                 def link(j: _Live, timeout: float) -> ExchangeLink:
-                    return open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
-                                     j.info.node_id == cluster.this_node(), timeout=timeout)
+                    opened = open_link(j.info.worker_id, j.info.data_address, self.wire.secret,
+                                       j.info.node_id == cluster.this_node(), timeout=timeout)
+                    if isinstance(opened, RingLink):   # same node: its exit is seen before its socket closes
+                        opened.follow(j.info.pid)
+                    return opened
                 warm_up({j.info.worker_id: link(j, self.prepare_timeout) for j in joining},
                         plan.placement.held_by, len(self.spec.moe_layers), self.spec.hidden,
                         TORCH_DTYPES[self.spec.dtype])
