@@ -170,7 +170,9 @@ class Server:
             # workers listen on loopback unless the server joins a cluster that spans nodes
             wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
         self.metrics.watch_worker_connections(self.controller.refused_connections)
-        self.failover = Failover(self.controller, _FailoverMetrics(self.metrics), stopping=self._stopping)
+        # the restore after a loss (a process start) waits for the engine's first step without the lost worker
+        self.failover = Failover(self.controller, _FailoverMetrics(self.metrics), stopping=self._stopping,
+                                 engine=self.engine)
         self.engine.on_worker_lost = self.failover.lost
         # segments of servers killed without cleaning up (SIGKILL) go before ours are made; then
         # this server's own claim on the namespace (memory/owners.py)

@@ -238,3 +238,46 @@ def test_a_loss_with_live_replicas_is_rerouted(tiny_models, ray_local):
         traffic.finish()
         assert len(server.controller.topology.workers) == 2
         served_equals_reported(server)
+
+
+def test_the_restore_starts_only_once_the_engine_has_resumed(tiny_models, ray_local):
+    """The restore after a loss starts a process, which takes a core for a second or more: it waits
+    until the held streams have had their first step on the topology without the lost worker, or it
+    lengthens exactly the gap the failover keeps short. That first step is made slow here (0.3 s)
+    so that a restore started at the commit would surely begin during it."""
+    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+        expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
+        ctl, engine = server.controller, server.engine
+        v0 = ctl.topology.version
+        marks: dict[str, tuple[int, int]] = {}   # event -> (engine version, engine steps) at that moment
+        commit, start_workers, step = ctl.engine_commit, ctl._start_workers, engine._step
+
+        def committed(backend) -> None:
+            commit(backend)
+            marks.setdefault("failover committed", (backend.routing.version, engine.steps))
+
+        def starting(count: int, use_standby: bool = True):
+            if count:
+                marks.setdefault("restore started", (engine.version, engine.steps))
+            return start_workers(count, use_standby)
+
+        def slow_first_step(plan) -> None:
+            if "failover committed" in marks and "first step" not in marks:
+                marks["first step"] = (engine.version, engine.steps)
+                time.sleep(0.3)
+            step(plan)
+
+        ctl.engine_commit, ctl._start_workers, engine._step = committed, starting, slow_first_step
+        traffic = GapTraffic(server.channel, expected)
+        wait_for(lambda: traffic.done >= 2, 60, "traffic")
+        victim = ctl.topology.placement.workers[1]
+        os.kill(ctl.topology.workers[victim].pid, signal.SIGKILL)
+        wait_for(lambda: ctl.topology.version >= v0 + 2, 120, "the failover and the restore")
+        assert server.failover.wait_idle(120)
+        traffic.finish()
+        version, steps_at_commit = marks["failover committed"]
+        assert version == v0 + 1
+        assert marks["restore started"][0] == v0 + 1, marks
+        assert marks["restore started"][1] > steps_at_commit, f"the restore began before the engine stepped: {marks}"
+        assert len(ctl.topology.workers) == 2 and ctl.topology.version == v0 + 2
+        served_equals_reported(server)

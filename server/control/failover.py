@@ -14,8 +14,11 @@ controller for a change that leaves the lost workers out, under a new version:
 
 That change takes no new process (it uses survivors and standby workers only), so the stall is the
 plan plus a remap, well under a second. A second change then brings the worker count back to the
-operator's target (`Controller.restore`), while serving. Each change is retried with backoff until
-it commits; while one fails, the failure is visible (`FailoverState`, the metrics).
+operator's target (`Controller.restore`), while serving. That one starts a process, which takes a
+core for a second or more: it waits until the engine has run its first step on the new topology
+(the held streams' next tokens), or it would lengthen exactly the gap the failover keeps short.
+Each change is retried with backoff until it commits; while one fails, the failure is visible
+(`FailoverState`, the metrics).
 """
 from __future__ import annotations
 
@@ -62,9 +65,10 @@ def sources_without(plan: Plan, old: Placement, lost: Collection[str], nodes: Ma
 
 @dataclass(frozen=True)
 class FailoverConfig:
-    backoff_first_s: float = 0.05      # the first retry comes at once: most failures are a race
+    backoff_first_s: float = 0.05      # the first attempt runs at once; this is the first retry's wait
     backoff_max_s: float = 5.0
     lock_wait_s: float = 1.0           # a running change holds the lock: wait this long, then retry
+    resume_wait_s: float = 2.0         # the restore waits at most this long for the engine's next step
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_first_s <= self.backoff_max_s:
@@ -72,6 +76,8 @@ class FailoverConfig:
                              f"{self.backoff_max_s}")
         if self.lock_wait_s <= 0:
             raise ValueError(f"lock_wait_s must be > 0, got {self.lock_wait_s}")
+        if self.resume_wait_s < 0:
+            raise ValueError(f"resume_wait_s must be >= 0, got {self.resume_wait_s}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,15 @@ class Changes(Protocol):
     def unresponsive(self, timeout: float) -> list[str]: ...
 
 
+class Serving(Protocol):
+    """What the failover reads of the engine (server/engine/loop.py's Engine)."""
+
+    @property
+    def steps(self) -> int: ...      # steps run so far
+    @property
+    def idle(self) -> bool: ...      # no request to run
+
+
 class FailoverObserver(Protocol):
     def worker_lost(self, worker_id: str) -> None: ...
     def failover_committed(self, seconds: float, report: object) -> None: ...
@@ -111,15 +126,18 @@ class Failover:
     """One thread that takes lost workers out of the topology and then restores the count."""
 
     def __init__(self, controller: Changes, observer: FailoverObserver, config: FailoverConfig = FailoverConfig(),
-                 stopping: threading.Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 stopping: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 engine: Serving | None = None) -> None:
         self.controller = controller
         self.observer = observer
         self.config = config
         self.stopping = stopping or threading.Event()
         self.clock = clock
+        self.engine = engine
         self._lock = threading.Lock()
         self._pending = _Pending()
         self._restoring = False
+        self._held_streams = False     # a take-out committed; the engine has not stepped on it yet
         self._state = FailoverState()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,6 +196,10 @@ class Failover:
                 if dead:
                     self._take_out(dead)
                 else:
+                    if self._held_streams:
+                        self._held_streams = False
+                        if not self._engine_resumed():
+                            continue   # another loss came first
                     report = self.controller.restore(self.config.lock_wait_s)
                     with self._lock:
                         self._restoring = False
@@ -219,7 +241,23 @@ class Failover:
             for w in dead:
                 self._pending.since.pop(w, None)
             self._restoring = True
+        self._held_streams = report is not None
         if report is not None:
             seconds = now - min(dead.values())
             log.warning("failover: workers %s out of the topology %.3fs after the loss", sorted(dead), seconds)
             self.observer.failover_committed(seconds, report)
+
+    def _engine_resumed(self) -> bool:
+        """Wait until the engine has run a step since the take-out committed (or has nothing to
+        run, or `resume_wait_s` passed). False when another loss is reported meanwhile."""
+        engine = self.engine
+        if engine is None:
+            return True
+        start, deadline = engine.steps, self.clock() + self.config.resume_wait_s
+        while engine.steps <= start and not engine.idle and self.clock() < deadline:
+            with self._lock:
+                if self._pending.since:
+                    return False
+            if self.stopping.wait(0.005):
+                return True
+        return True
