@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -140,6 +141,7 @@ class Server:
         self.autoscaler = None
         self.failover: Failover | None = None
         self.started_ray = False
+        self._ray_down = threading.Event()   # set once ray.shutdown returned (_connect_ray)
         self.port = config.port
         self.metrics_port = config.metrics_port
 
@@ -187,7 +189,8 @@ class Server:
             self._start_http()
         if c.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
-        self.started_ray = cluster.connect(c.ray_address, c.ray_num_cpus)
+        self._progress(f"joining Ray at {c.ray_address}" if c.ray_address else "starting an embedded Ray")
+        self.started_ray = self._connect_ray()
         self._progress(f"starting {c.workers} expert workers on Ray")
         self.scale(c.workers)
         self.front.set_serving(True)
@@ -201,6 +204,48 @@ class Server:
         self._start_rebalancer()
         self._progress(f"serving on {c.host}:{self.port}" + (f", Admin on {self.admin_address}" if self.admin_address
                        else "") + f" (metrics on :{self.metrics_port}/metrics)")
+
+    def _connect_ray(self) -> bool:
+        """Join or start Ray without Ray taking SIGTERM from this process, which drains on it.
+
+        Two handlers of Ray's would: ray.init on the main thread installs a Python one (sys.exit
+        wherever the main thread is), and the driver's core worker a C++ failure handler that, after
+        passing the signal on, arms a 3 s alarm that aborts the process (SIGABRT). So ray.init runs
+        on a thread of its own (Ray installs its Python handler from the main thread only), the
+        driver's C++ failure handler is off (Ray's switch for processes with their own signal
+        handling; the worker processes keep theirs), and the handlers in place before are put back
+        (signal.signal also resets the C-level one). A signal meanwhile reaches ours.
+        That thread lives until Ray is shut down: the processes ray.init starts die with the thread
+        that started them (PR_SET_PDEATHSIG is per thread). Blocking the signals around ray.init
+        would not do: Ray's processes inherit the mask, and a raylet that ignores SIGTERM outlives
+        ray.shutdown."""
+        import ray._private.ray_constants as ray_constants
+
+        c = self.config
+        kept = {}
+        if threading.current_thread() is threading.main_thread():
+            kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        outcome: list[bool | BaseException] = []
+        connected = threading.Event()
+
+        def own_ray() -> None:
+            try:
+                outcome.append(cluster.connect(c.ray_address, c.ray_num_cpus))
+            except BaseException as exc:   # raised again on the calling thread
+                outcome.append(exc)
+            connected.set()
+            if outcome[0] is True:
+                self._ray_down.wait()
+
+        threading.Thread(target=own_ray, name="ray-owner", daemon=True).start()
+        connected.wait()
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def _commit(self, backend) -> None:
         self.engine.commit(backend, backend.routing.version)
@@ -348,3 +393,4 @@ class Server:
         if self.started_ray:
             import ray
             ray.shutdown()
+        self._ray_down.set()

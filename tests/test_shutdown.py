@@ -120,3 +120,61 @@ def test_signal_drains_and_exits_clean(tiny_models, tmp_path, sig, grace, max_to
         time.sleep(0.5)
     assert not [p.name() for p in children if _alive(p)], "processes left behind"
     assert os.listdir(shm) == [], "shared memory left behind"
+
+
+def test_sigterm_while_ray_starts_drains_and_exits_clean(tiny_models, tmp_path):
+    """SIGTERM from the moment the server starts Ray until it drains (a SIGTERM every 0.1 s over the
+    whole of ray.init and the first worker's start): every one reaches the server's own handler,
+    never Ray's (before: Ray's Python handler's sys.exit, or its C++ handler's abort 3 s later)."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
+         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    seen: dict[psutil.Process, str] = {}   # every process of the server's tree (and its name), to check they end
+    draining = threading.Event()
+
+    def terminate_repeatedly() -> None:
+        while not draining.wait(0.1) and serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                for p in psutil.Process(serve.pid).children(recursive=True):
+                    if p not in seen:
+                        seen[p] = p.name()
+            except psutil.Error:
+                pass
+
+    sender = threading.Thread(target=terminate_repeatedly, daemon=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line and serve.poll() is not None:
+                break
+            lines.append(line)
+            if "starting an embedded Ray" in line and not sender.is_alive():
+                sender.start()
+            if "draining" in line:
+                draining.set()
+                break
+        assert sender.is_alive() or draining.is_set(), "".join(lines[-30:])
+        draining.set()
+        out, _ = serve.communicate(timeout=120)
+    finally:
+        draining.set()
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.communicate()
+    lines.append(out)
+    text = "".join(lines)
+    assert serve.returncode == 0, text[-3000:]
+    assert "SIGTERM received" not in text and "draining" in text, text[-3000:]
+    assert "raylet" in seen.values(), "Ray had not started: the test proves nothing"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.5)
+    assert not [name for p, name in seen.items() if _alive(p)], "processes left behind"
+    assert os.listdir(shm) == [], "shared memory left behind"
