@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         topo = server.controller.topology
         in_use = sum(os.stat(os.path.join("/dev/shm", n)).st_size for n in set(topo.segments.values()))
         shm1, (rss1, threads1) = _shm_bytes(mine), _rss_threads()
+        # loss reported -> topology without the lost worker committed, over every failover of the run
+        failovers = server.metrics.registry.get_sample_value("elasticmoe_failover_seconds_count") or 0
+        failover_s = server.metrics.registry.get_sample_value("elasticmoe_failover_seconds_sum") or 0.0
     finally:
         channel.close()
         server.shutdown()
@@ -176,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         "minutes": args.minutes, "clients": args.clients, "served": tally.served, "failed": tally.failed,
         "cancelled": tally.cancelled, "mismatched": tally.mismatched, "errors": tally.errors[:10],
         "kills": len(gaps), "kill_gap_p50_s": statistics.median(gaps) if gaps else None,
-        "kill_gap_max_s": max(gaps) if gaps else None, "stops": len(stops),
+        "kill_gap_max_s": max(gaps) if gaps else None, "kill_gaps_s": gaps, "stops": len(stops),
+        "failovers": failovers, "failover_mean_s": failover_s / failovers if failovers else None,
         "stop_gap_max_s": max(stops) if stops else None, "events": [w for _, w in tally.events],
         "shm_bytes_before": shm0, "shm_bytes_after": shm1, "shm_bytes_in_topology_after": in_use,
         "shm_bytes_after_shutdown": shm_after_shutdown,
@@ -187,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     if gaps:
         say(f"{len(gaps)} SIGKILLs: longest token gap across each p50 {statistics.median(gaps) * 1000:.0f} ms, "
             f"max {max(gaps) * 1000:.0f} ms")
+    if failovers:
+        say(f"{failovers:.0f} failovers: loss -> commit {failover_s / failovers * 1000:.0f} ms on average")
     if stops:
         say(f"{len(stops)} SIGSTOPs (worker timeout 2 s): longest gap max {max(stops) * 1000:.0f} ms")
     say(f"/dev/shm of this server: {shm0} B before, {shm1} B after ({in_use} B in the serving topology), "
