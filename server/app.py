@@ -121,7 +121,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         # the engine's phases use every core it may run on while the workers wait (server/engine/threads.py)
-        engine_threads(config.threads)
+        engine_threads(config.engine_threads)
         self.spec = load_spec(config.model, config.dtype)
         self.tokenizer = Tokenizer.from_file(os.path.join(config.model, "tokenizer.json"))
         self.namespace = uuid.uuid4().hex[:8]

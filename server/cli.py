@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
-        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap,
+        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, overlap=args.overlap, engine_threads=args.engine_threads,
         worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token, api_key=args.api_key,
         admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace,
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds after a change before standby workers are started again")
     s.add_argument("--worker-cpus", type=float, default=0.5)
     s.add_argument("--worker-gpus", type=float, default=0.0)
+    s.add_argument("--engine-threads", type=int, default=0,
+                   help="torch/OpenMP threads of the engine process (0: every CPU it may run on)")
     s.add_argument("--slots-per-worker", type=int, default=0)
     s.add_argument("--replicate-hot", action="store_true")
     s.add_argument("--rebalance-window", type=float, default=30.0,

@@ -32,7 +32,7 @@ class ServerConfig:
     prepare_timeout_s: float = 300.0
     worker_timeout_s: float = 5.0         # a worker silent this long in one exchange is lost (hung)
     redundant_experts: int = 0            # extra replicas per layer (hottest experts): a loss is a reroute
-    threads: int = 0                      # torch threads of the engine process; 0 = every CPU it may run on
+    engine_threads: int = 0               # torch threads of the engine process; 0 = every CPU it may run on
     overlap: bool = False                 # two micro-batches per step, engine and workers overlapped
     rebalance_window_s: float = 30.0      # expert load is counted over this sliding window
     rebalance_threshold: float = 0.0      # imbalance (max/mean tokens per worker) that rebalances; 0 = by hand only
@@ -61,7 +61,7 @@ class ServerConfig:
             "block_size": self.block_size >= 1, "max_waiting": self.max_waiting >= 0,
             "max_running": self.max_running >= 1, "max_step_tokens": self.max_step_tokens >= 1,
             "standby": self.standby >= 0, "worker_cpus": self.worker_cpus >= 0, "worker_gpus": self.worker_gpus >= 0,
-            "slots_per_worker": self.slots_per_worker >= 0, "threads": self.threads >= 0,
+            "slots_per_worker": self.slots_per_worker >= 0, "engine_threads": self.engine_threads >= 0,
             "prepare_timeout_s": self.prepare_timeout_s > 0, "worker_timeout_s": self.worker_timeout_s > 0,
             "redundant_experts": self.redundant_experts >= 0, "standby_refill_delay_s": self.standby_refill_delay_s >= 0,
             "rebalance_window_s": self.rebalance_window_s > 0, "rebalance_interval_s": self.rebalance_interval_s >= 0,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,3 +39,40 @@ def test_engine_threads_follow_the_affinity(cpus):
                          preexec_fn=lambda: os.sched_setaffinity(0, allowed))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(cpus), str(cpus)]
+
+
+def test_serve_takes_the_engine_thread_count_asked_for(tiny_models):
+    """`--engine-threads N` sets the engine process's torch threads (0, the default: its CPUs);
+    a negative count is refused naming the flag, before anything starts."""
+
+    bad = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]),
+                            "--engine-threads", "-1", "--port", "0", "--http-port", "-1", "--metrics-port", "-1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = bad.communicate(timeout=120)
+    except subprocess.TimeoutExpired:   # it started serving: the flag was not checked
+        os.killpg(bad.pid, signal.SIGKILL)
+        _, err = bad.communicate()
+    assert bad.returncode == 2 and "--engine-threads -1 is out of range" in err, err[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]),
+                             "--workers", "1", "--engine-threads", "1", "--port", "0", "--http-port", "-1",
+                             "--metrics-port", "-1", "--ray-num-cpus", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "engine:" in line and "torch threads" in line:
+                break
+        assert any("engine: 1 torch threads" in line for line in lines), "".join(lines)[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
