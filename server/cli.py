@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--autoscale", default=None, help="autoscaling policy YAML")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     s.add_argument("--kv-cache-tokens", type=int, default=16384)
-    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--block-size", type=int, default=32)
     s.add_argument("--max-waiting", type=int, default=256)
     s.add_argument("--max-running", type=int, default=64)
     s.add_argument("--max-step-tokens", type=int, default=512)

@@ -18,7 +18,7 @@ class ServerConfig:
     autoscale: str | None = None          # policy YAML
     dtype: str | None = None              # None = the checkpoint's own
     kv_cache_tokens: int = 16384
-    block_size: int = 16
+    block_size: int = 32                 # KV tokens per block; 32: vLLM's "vec" attention kernels (16 runs "vec16", 10-25% slower here)
     max_waiting: int = 256
     max_running: int = 64
     max_step_tokens: int = 512            # prefill chunk budget per engine step

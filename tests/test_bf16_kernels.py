@@ -16,7 +16,7 @@ kernel to the exact result per output instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pytest
@@ -32,12 +32,13 @@ from experts.model.demo import DemoShape, write_demo_model
 from experts.model.kv_cache import KVCache
 from experts.model.profile import NO_PROFILE
 from experts.model.spec import ModelSpec, load_spec
+from server.config import ServerConfig
 from server.engine.step import ModelRunner, StepInput
 
 # head_dim 32 and hidden/intermediate multiples of 32: a shape both vLLM kernels serve
 SHAPE = DemoShape(hidden=128, layers=4, experts=8, top_k=2, intermediate=128, heads=4, kv_heads=2, vocab=512,
                   dtype="bfloat16", shard_mb=64)
-BLOCK_SIZE = 16           # the engine's default
+BLOCK_SIZE = next(f.default for f in fields(ServerConfig) if f.name == "block_size")   # the engine's default
 PROMPTS = [[(31 * i + 7 * j) % 500 + 3 for j in range(12 + 3 * i)] for i in range(6)]
 DECODE_STEPS = 6          # teacher-forced with the oracle's tokens, so one slip cannot cascade
 # Where no routing flips, bf16 is off the oracle by at most ~0.03 on logits up to ~5 here. A
