@@ -1,6 +1,7 @@
 """Replacing a lost worker: an ordinary change of topology, retried until it commits.
 
-A worker is lost when the engine's exchange with it breaks (SIGKILL: the socket closes at once)
+A worker is lost when the engine's exchange with it breaks (SIGKILL: on the engine's node its
+process is seen exiting within milliseconds, experts/wire/ring.py; across nodes its socket closes)
 or misses the per-exchange deadline (`--worker-timeout`: a hung, SIGSTOPped worker). The engine
 then holds its running requests (they keep their KV cache) and the `Failover` here asks the
 controller for a change that leaves the lost workers out, under a new version:
