@@ -42,6 +42,10 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10   # Linux; Python's mmap module does not export it
+# the slot's page-table entries are filled when it is mapped (the segment's pages are in the page
+# cache already): the first step that reads a newly mapped expert (after a scale-up, a rebalance,
+# a failover's remap) would otherwise take a page fault per 4 KiB page inside the kernel call
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 _PROT_NONE = 0   # Python's mmap module exports PROT_READ and PROT_WRITE only
 _EMPTY = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
 
@@ -150,7 +154,7 @@ class HostSlotRange:
                 raise ValueError(f"segment {segment!r} holds {size} bytes but {self.shape} needs {self.shape.nbytes}")
             with self._lock:
                 a13, a2 = self._addrs(slot)
-                ro, flags = mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED
+                ro, flags = mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED | _MAP_POPULATE
                 _mmap(a13, self.stride13, ro, flags, fd, 0, f"slot {slot} gate_up of {segment!r}")
                 try:
                     _mmap(a2, self.stride2, ro, flags, fd, self.shape.down_offset, f"slot {slot} down of {segment!r}")
