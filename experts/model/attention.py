@@ -69,13 +69,6 @@ class AttentionBatch:
         )
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the Hugging Face (rotate-half) layout. x: [T, H, d]; cos, sin: [T, 1, d]."""
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class StepAttention(Protocol):
     """One step's attention, prepared once for every layer of that step."""
 

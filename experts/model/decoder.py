@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from experts.kernels.linear import Linear, select_linear
-from experts.model.attention import AttentionBatch, StepAttention, rope
+from experts.kernels.pointwise import Pointwise
+from experts.kernels.pointwise import ref_rms_norm as rms_norm
+from experts.model.attention import AttentionBatch, StepAttention
 from experts.model.kv_cache import KVCache
 from experts.model.spec import ModelSpec
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # computed in float32 as the reference implementations do, then cast back
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 log = logging.getLogger(__name__)
@@ -47,6 +42,8 @@ class MoEModel:
         dtype = weights["model.embed_tokens.weight"].dtype
         make, why = select_linear(dtype)
         log.info("dense layers: %s (%s)", make.__name__, why)
+        self.pw = Pointwise(spec.head_dim, spec.rope_theta, spec.max_position, dtype)
+        log.info("norms and rotary embedding: %s", self.pw.reason)
         if spec.tie_embeddings and "lm_head.weight" not in weights:
             self.w["lm_head.weight"] = weights["model.embed_tokens.weight"]
         self.linear: dict[str, Linear] = {"lm_head": make(self.w.pop("lm_head.weight"), None)}
@@ -91,9 +88,9 @@ class MoEModel:
         the layer's MLP or experts. Writes the step's K/V rows of this layer into the cache."""
         spec, w = self.spec, self.w
         p = f"model.layers.{layer}"
-        x = rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
+        x = self.pw.rms_norm(h, w[f"{p}.input_layernorm.weight"], spec.rms_eps)
         h = h + self._attention(layer, x, attn, cache)
-        return h, rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
+        return h, self.pw.rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], spec.rms_eps)
 
     def _attention(self, layer: int, x: torch.Tensor, attn: StepAttention, cache: KVCache) -> torch.Tensor:
         spec, w = self.spec, self.w
@@ -111,8 +108,9 @@ class MoEModel:
         if spec.qk_norm == "head":  # Qwen3-MoE: per head
             q = rms_norm(q, w[f"{p}.q_norm.weight"], spec.rms_eps)
             k = rms_norm(k, w[f"{p}.k_norm.weight"], spec.rms_eps)
-        cos, sin = attn.batch.rotary(spec.head_dim, spec.rope_theta, q.dtype)
-        out = attn(rope(q, cos, sin), rope(k, cos, sin), v, cache.k[layer], cache.v[layer])
+        b = attn.batch
+        q, k = self.pw.rope(q, k, b.positions, lambda: b.rotary(spec.head_dim, spec.rope_theta, q.dtype))
+        out = attn(q, k, v, cache.k[layer], cache.v[layer])
         return self.linear[f"{p}.o_proj"](out.reshape(t, -1))
 
     @torch.inference_mode()
@@ -144,5 +142,5 @@ class MoEModel:
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """h [T, D] -> float32 logits [B, V] of each sequence's last new token."""
-        h = rms_norm(h[batch.last_index], self.w["model.norm.weight"], self.spec.rms_eps)
+        h = self.pw.rms_norm(h[batch.last_index], self.w["model.norm.weight"], self.spec.rms_eps)
         return self.linear["lm_head"](h).float()
