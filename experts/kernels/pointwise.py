@@ -9,9 +9,16 @@ Without the op library (or for other dtypes) `select_pointwise` answers the refe
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from experts.kernels import oplib
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """The rotary embedding's [head_dim / 2] inverse frequencies, as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
 def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,8 +46,7 @@ class Pointwise:
         self.head_dim = head_dim
         self._cos_sin: torch.Tensor | None = None
         if self.fused:
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-            freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * rope_inv_freq(head_dim, theta)[None, :]
             self._cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()   # [P, d]: cos half, sin half
             self._ops = oplib.ops()
 
@@ -52,7 +58,7 @@ class Pointwise:
         return out
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-             rotary: "callable") -> tuple[torch.Tensor, torch.Tensor]:
+             rotary: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, d], k [T, Hk, d] rotated at `positions` [T]; `rotary()` gives the reference's
         (cos, sin) when it is the one that runs."""
         if not self.fused:

@@ -14,6 +14,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from experts.kernels.pointwise import rope_inv_freq
+
 
 @dataclass(frozen=True)
 class AttentionBatch:
@@ -33,8 +35,7 @@ class AttentionBatch:
         key = (head_dim, theta, dtype)
         cached = self.rope_cache.get(key)
         if cached is None:
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-            freqs = self.positions.float()[:, None] * inv_freq[None, :]
+            freqs = self.positions.float()[:, None] * rope_inv_freq(head_dim, theta)[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             cached = self.rope_cache[key] = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
         return cached

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from experts.kernels.linear import Linear, select_linear
 from experts.kernels.pointwise import Pointwise
-from experts.kernels.pointwise import ref_rms_norm as rms_norm
+from experts.kernels.pointwise import ref_rms_norm as rms_norm   # q/k norms: views of the qkv output
 from experts.model.attention import AttentionBatch, StepAttention
 from experts.model.kv_cache import KVCache
 from experts.model.spec import ModelSpec
