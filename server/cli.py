@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-cpus", type=float, default=0.5)
     s.add_argument("--worker-gpus", type=float, default=0.0)
     s.add_argument("--engine-threads", type=int, default=0,
-                   help="torch/OpenMP threads of the engine process (0: every CPU it may run on)")
+                   help="torch/OpenMP threads of the engine process (0: every CPU it may run on but one, left to the API, Ray and the OS)")
     s.add_argument("--slots-per-worker", type=int, default=0)
     s.add_argument("--replicate-hot", action="store_true")
     s.add_argument("--rebalance-window", type=float, default=30.0,

@@ -32,7 +32,7 @@ class ServerConfig:
     prepare_timeout_s: float = 300.0
     worker_timeout_s: float = 5.0         # a worker silent this long in one exchange is lost (hung)
     redundant_experts: int = 0            # extra replicas per layer (hottest experts): a loss is a reroute
-    engine_threads: int = 0               # torch threads of the engine process; 0 = every CPU it may run on
+    engine_threads: int = 0               # torch threads of the engine process; 0 = its CPUs but one (threads.py)
     overlap: bool = False                 # two micro-batches per step, engine and workers overlapped
     rebalance_window_s: float = 30.0      # expert load is counted over this sliding window
     rebalance_threshold: float = 0.0      # imbalance (max/mean tokens per worker) that rebalances; 0 = by hand only
