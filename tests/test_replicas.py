@@ -1,4 +1,4 @@
-"""Hot experts replicated in spare slots: the engine splits their tokens across the replicas (each
+"""Hot experts replicated in spare slots: the engine balances their tokens over the replicas (each
 replica's worker really computes its share, counted by the workers themselves), and every stream
 keeps transformers' greedy tokens."""
 from __future__ import annotations
@@ -42,7 +42,9 @@ def test_hot_expert_replicas_share_the_tokens_and_keep_transformers_tokens(tiny_
         for w in placement.workers:
             alone = sum(int(routed[l, e]) for l in range(placement.num_layers) for e in placement.held_by(w)[l]
                         if (l, e) not in replicated)
-            # what w computed beyond its unreplicated experts came from the replicas; without the
-            # split the first holder would compute every replicated pair and the other none
+            # what w computed beyond its unreplicated experts came from the replicas; if the engine
+            # ignored them the first holder would compute every replicated pair and the other none
             share = served[w] - alone
-            assert 0.25 * shared <= share <= 0.75 * shared, (w, served, alone, shared)
+            assert 0 < share < shared, (w, served, alone, shared)
+        # the replicas balance the workers' work (server/engine/replicas.py)
+        assert min(served.values()) >= 0.6 * max(served.values()), served

@@ -1,6 +1,8 @@
 """Replica routing: the engine's log2phy tables (`Routing.build`) and the replica each (token,
-expert) pair goes to (`Routing.owners`): a hot expert's tokens are split over its holders by token
-index, evenly and the same way every time; every pair goes to a worker that holds its expert."""
+expert) pair goes to (`Routing.owners`, server/engine/replicas.py): a group of a replicated expert
+goes whole to the holder with the least work, a hot one (more than SPLIT_PAIRS pairs) is split
+over its holders by token index, evenly; the same way every time; every pair goes to a worker that
+holds its expert."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 from experts.placement.planner import plan_placement
 from server.engine.exchange import Routing
+from server.engine.replicas import EXPERT_COST, SPLIT_PAIRS, assign
 
 # 3 workers, 2 MoE layers, 4 experts. Layer 0: expert 1 on every worker, expert 2 on w0 and w2.
 EXPERTS_OF = [
@@ -39,11 +42,45 @@ def test_an_expert_without_a_holder_is_refused_naming_layer_and_expert() -> None
 
 def test_a_hot_experts_tokens_alternate_over_its_holders() -> None:
     r = routing()
-    # 6 tokens, top-2: every token picks expert 1 (3 holders) and expert 2 (w0, w2)
-    ids = np.array([1, 2] * 6)
-    owner = r.owners(0, ids, top_k=2).reshape(6, 2)
-    assert owner[:, 0].tolist() == [0, 1, 2, 0, 1, 2]   # token t -> holder t mod 3
-    assert owner[:, 1].tolist() == [0, 2, 0, 2, 0, 2]   # token t -> holder t mod 2
+    # more tokens than SPLIT_PAIRS, top-2: every token picks expert 1 (3 holders) and expert 2 (w0, w2)
+    tokens = SPLIT_PAIRS + 6
+    ids = np.array([1, 2] * tokens)
+    owner = r.owners(0, ids, top_k=2).reshape(tokens, 2)
+    assert owner[:6, 0].tolist() == [0, 1, 2, 0, 1, 2]   # token t -> holder t mod 3
+    assert owner[:6, 1].tolist() == [0, 2, 0, 2, 0, 2]   # token t -> holder t mod 2
+
+
+def test_small_groups_go_whole_to_the_least_loaded_holder() -> None:
+    """One token, top-2, every expert on both workers: one expert per worker (each reads one
+    expert's weights), not both on the first holder."""
+    holders = np.array([[0, 1]] * 4)
+    count = np.array([2] * 4)
+    assert sorted(assign(holders, count, np.array([2, 3]), 2, 2).tolist()) == [0, 1]
+    # expert 0 lives on w0 only and is busy: the replicated ones go to w1 until it has as much
+    holders = np.array([[0, 0], [0, 1], [0, 1], [0, 1]])
+    count = np.array([1, 2, 2, 2])
+    ids = np.array([0] * 10 + [1, 2, 3])
+    owner = assign(holders, count, ids, 1, 2)
+    assert owner[:10].tolist() == [0] * 10 and owner[10:].tolist() == [1, 1, 0], owner
+    # a group is never split below SPLIT_PAIRS: all of a replicated expert's pairs on one worker
+    ids = np.array([1] * SPLIT_PAIRS + [2] * 3)
+    owner = assign(np.array([[0, 1]] * 4), np.array([2] * 4), ids, 1, 2)
+    assert len(set(owner[:SPLIT_PAIRS].tolist())) == 1 and owner[-1] != owner[0]
+
+
+def test_the_work_per_worker_is_balanced_within_one_group() -> None:
+    """Random decode-sized layers over 8 experts on both of 2 workers: the workers' work (an
+    expert's weights + its pairs) differs by at most the largest group's cost."""
+    rng = np.random.default_rng(0)
+    holders, count = np.array([[0, 1]] * 8), np.array([2] * 8)
+    for tokens in (1, 8, 16, 32):
+        ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(tokens)]).reshape(-1)
+        owner = assign(holders, count, ids, 2, 2)
+        routed = np.bincount(ids, minlength=8)
+        work = [sum(routed[e] + EXPERT_COST for e in set(ids[owner == w].tolist())) for w in (0, 1)]
+        assert abs(work[0] - work[1]) <= routed.max() + EXPERT_COST, (tokens, work)
+        for e in set(ids.tolist()):
+            assert len(set(owner[ids == e].tolist())) == 1, e     # each expert read by one worker
 
 
 def test_a_single_holder_gets_every_token_of_its_expert() -> None:
@@ -59,7 +96,7 @@ def r_owners(layer: int, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(5))
 def test_every_pair_reaches_a_holder_and_the_split_is_even_and_repeatable(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    tokens, top_k = 64, 2
+    tokens, top_k = 2 * SPLIT_PAIRS, 2
     # every token picks the hot expert 1 and one other, in random order
     ids = np.stack([rng.permutation([1, rng.choice([0, 2, 3])]) for _ in range(tokens)]).reshape(-1)
     r = routing()
@@ -77,7 +114,7 @@ def test_the_planners_hot_replicas_route_to_every_replica() -> None:
     holders = plan.placement.holders(0, 0)
     assert len(holders) >= 2
     r = Routing.build(2, plan.placement.workers, plan.placement.experts, 2, 8)
-    ids = np.array([[0, 1 + t % 7] for t in range(30)]).reshape(-1)
+    ids = np.array([[0, 1 + t % 7] for t in range(SPLIT_PAIRS + 30)]).reshape(-1)
     owner = r.owners(0, ids, top_k=2)[ids == 0]
     assert {plan.placement.workers[w] for w in owner.tolist()} == set(holders)
     assert np.bincount(owner).max() - np.bincount(owner)[np.bincount(owner) > 0].min() <= 1

@@ -1,8 +1,9 @@
 """The engine's expert backend over the data plane: route each (token, expert) pair to a worker
 that holds the expert in the step's topology version, one exchange per MoE layer.
 
-A replica choice is a pure function of the token's index in the step, so a hot expert's tokens are
-spread over its replicas and the same batch always goes the same way.
+A replica choice is a pure function of the layer's routed experts (server/engine/replicas.py): the
+layer's groups balanced over their holders, a hot expert's tokens split over its replicas, and the
+same batch always goes the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from experts.wire.dataplane import ExchangeLink
 from experts.model.profile import NO_PROFILE, StepProfile
+from server.engine.replicas import assign
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,9 @@ class Routing:
 
     def owners(self, layer: int, ids: np.ndarray, top_k: int) -> np.ndarray:
         """ids [T*A] experts of MoE layer ``layer`` chosen per pair, token-major -> [T*A] index into
-        ``workers`` of the holder each pair goes to: replica (token index mod holders), so a hot
-        expert's tokens alternate over its replicas and the same batch always goes the same way."""
-        holders, count = self.holders[layer].numpy(), self.count[layer].numpy()
-        token = np.arange(ids.shape[0]) // top_k
-        return holders[ids, token % count[ids]]
+        ``workers`` of the holder each pair goes to, the layer's work balanced over the replicas
+        (server/engine/replicas.py); the same batch always goes the same way."""
+        return assign(self.holders[layer].numpy(), self.count[layer].numpy(), ids, top_k, len(self.workers))
 
 
 class RemoteExperts:
