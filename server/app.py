@@ -168,7 +168,7 @@ class Server:
             spec, os.path.abspath(c.model), self.namespace, self._commit,
             cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
             c.prepare_timeout_s, self._expert_load, c.replicate_hot, worker_timeout=c.worker_timeout_s,
-            redundant_experts=c.redundant_experts,
+            redundant_experts=c.redundant_experts, share_node=c.share_node_experts,
             # workers listen on loopback unless the server joins a cluster that spans nodes
             wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
         self.metrics.watch_worker_connections(self.controller.refused_connections)
@@ -314,7 +314,8 @@ class Server:
         rule = RebalanceRule(c.rebalance_threshold, band, c.rebalance_interval_s)
         self.rebalancer = Rebalancer(
             self.stats.load_window, rule, lambda: ctl.topology,
-            lambda load: plan_rebalance(ctl.topology, load, ctl.slots, ctl.replicate_hot),
+            lambda load: plan_rebalance(ctl.topology, load, ctl.slots, ctl.replicate_hot, ctl.redundant_experts,
+                                        ctl.share_node),
             lambda load: self.rebalance(load=load).report, self.metrics.expert_load_imbalance)
         self.rebalancer.start()
 

@@ -85,7 +85,7 @@ def served_equals_reported(server) -> None:
 
 def test_sigkill_mid_stream_remaps_and_restores(tiny_models, ray_local, caplog):
     caplog.set_level(logging.ERROR, logger="server.engine.loop")
-    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+    with running_server(tiny_models["qwen3_moe"], workers=2, share_node_experts=False) as server:
         expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
         v0 = server.controller.topology.version
         victim = server.controller.topology.placement.workers[1]
@@ -124,6 +124,36 @@ def test_sigkill_mid_stream_remaps_and_restores(tiny_models, ray_local, caplog):
         assert [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS] == expected
 
 
+def test_sigkill_with_node_shared_experts_is_a_reroute(tiny_models, ray_local):
+    """The default placement on one node: every worker holds every expert (remaps of the same
+    segments). A SIGKILLed worker's experts are then already held by the survivor: the failover
+    moves nothing (no remap, no disk), streams keep their tokens, the restore brings back 2."""
+    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+        placement = server.controller.topology.placement
+        every = tuple(range(placement.num_experts))
+        assert all(placement.held_by(w)[l] == every for w in placement.workers for l in range(placement.num_layers))
+        expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
+        v0 = server.controller.topology.version
+        victim = placement.workers[1]
+        m = server.metrics
+        remap_before = value(m, "elasticmoe_expert_bytes_moved_total", path="remap")
+        disk_before = value(m, "elasticmoe_expert_bytes_moved_total", path="disk")
+        traffic = GapTraffic(server.channel, expected)
+        wait_for(lambda: traffic.done >= 2, 60, "traffic")
+        os.kill(server.controller.topology.workers[victim].pid, signal.SIGKILL)
+        wait_for(lambda: server.controller.topology.version >= v0 + 1 and
+                 victim not in server.controller.topology.placement.workers, 60, "the reroute")
+        remap_after_loss = value(m, "elasticmoe_expert_bytes_moved_total", path="remap")
+        assert server.failover.wait_idle(120)
+        traffic.finish()   # no stream failed, every one has the tokens it had before the loss
+        assert remap_after_loss == remap_before, "the survivor already held the lost worker's experts"
+        assert value(m, "elasticmoe_expert_bytes_moved_total", path="disk") == disk_before
+        topo = server.controller.topology
+        assert len(topo.workers) == 2 and victim not in topo.workers
+        served_equals_reported(server)
+        assert [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS] == expected
+
+
 def test_sigstop_is_detected_by_the_exchange_deadline(tiny_models, ray_local):
     timeout = 1.5
     with running_server(tiny_models["mixtral"], workers=2, worker_timeout_s=timeout) as server:
@@ -154,7 +184,7 @@ def test_sigstop_is_detected_by_the_exchange_deadline(tiny_models, ray_local):
 
 
 def test_a_failing_failover_is_retried_visibly_until_it_succeeds(tiny_models, ray_local):
-    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+    with running_server(tiny_models["qwen3_moe"], workers=2, share_node_experts=False) as server:
         expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
         v0 = server.controller.topology.version
         # a backoff long enough to look at the failure while it lasts
@@ -182,7 +212,7 @@ def test_a_failing_failover_is_retried_visibly_until_it_succeeds(tiny_models, ra
 
 
 def test_a_worker_killed_after_the_commit_of_a_scale_is_no_abort(tiny_models, ray_local):
-    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+    with running_server(tiny_models["qwen3_moe"], workers=2, share_node_experts=False) as server:
         expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
         v0 = server.controller.topology.version
         victim = server.controller.topology.placement.workers[0]   # gives experts to the new worker
@@ -245,7 +275,7 @@ def test_the_restore_starts_only_once_the_engine_has_resumed(tiny_models, ray_lo
     until the held streams have had their first step on the topology without the lost worker, or it
     lengthens exactly the gap the failover keeps short. That first step is made slow here (0.3 s)
     so that a restore started at the commit would surely begin during it."""
-    with running_server(tiny_models["qwen3_moe"], workers=2) as server:
+    with running_server(tiny_models["qwen3_moe"], workers=2, share_node_experts=False) as server:
         expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
         ctl, engine = server.controller, server.engine
         v0 = ctl.topology.version

@@ -23,7 +23,7 @@ ORDER = [pb.OPERATION_PHASE_PLANNED, pb.OPERATION_PHASE_PREPARING, pb.OPERATION_
 
 @pytest.fixture(scope="module")
 def server(tiny_models, ray_local):
-    with running_server(tiny_models["mixtral"], workers=1) as s:
+    with running_server(tiny_models["mixtral"], workers=1, share_node_experts=False) as s:   # a scale-down receives experts
         yield s
 
 

@@ -397,3 +397,21 @@ def test_lift_feeds_an_idle_worker_from_the_most_loaded() -> None:
 def test_closest_hands_each_reference_bin_to_its_biggest_holder() -> None:
     held = (frozenset({4}), frozenset({2}), frozenset({0, 1}))
     assert pack.closest([[0, 1], [2, 3], [4]], held) == [[4], [2, 3], [0, 1]]
+
+
+def test_node_sharing_gives_each_worker_its_nodes_experts_and_remaps_only():
+    """share_node: on one node every worker holds every expert, and the moves are remaps (the
+    copies come from a holder on the same node); across nodes experts stay partitioned; a node
+    holding more experts than a worker's slots leaves its workers as placed."""
+    from experts.placement.share import share_on_nodes
+
+    plan = plan_placement(None, ["a", "b"], {"a": "n0", "b": "n0"}, 2, 8, 8, share_node=True)
+    assert all(plan.placement.held_by(w)[l] == tuple(range(8)) for w in "ab" for l in range(2))
+    grown = plan_placement(plan.placement, ["a", "b", "c"], {"a": "n0", "b": "n0", "c": "n0"}, 2, 8, 8, share_node=True)
+    assert grown.moves and all(m.same_node and m.src in ("a", "b") and m.dst == "c" for m in grown.moves)
+    assert not grown.releases
+    two = plan_placement(None, ["a", "b", "c"], {"a": "n0", "b": "n0", "c": "n1"}, 1, 8, 8, share_node=True)
+    a, b, c = (set(two.placement.held_by(w)[0]) for w in "abc")
+    assert a == b and a | c == set(range(8)) and not a & c
+    assert share_on_nodes([[0, 1], [2, 3]], ["n", "n"], 3) == [[0, 1], [2, 3]]     # 4 experts, 3 slots
+    assert share_on_nodes([[0, 1], [2, 3]], ["n", "n"], 4) == [[0, 1, 2, 3]] * 2

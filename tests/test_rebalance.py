@@ -101,7 +101,8 @@ class TimedStreams:
 
 @pytest.fixture(scope="module")
 def server(tiny_models, ray_local):
-    with running_server(tiny_models["mixtral"], workers=2, rebalance_window_s=4.0) as s:
+    with running_server(tiny_models["mixtral"], workers=2, rebalance_window_s=4.0,
+                        share_node_experts=False) as s:   # partitioned: what a rebalance changes
         yield s
 
 
@@ -138,7 +139,7 @@ def test_rebalance_by_hand_lowers_the_imbalance_remapping_only_while_streams_flo
 
 
 def test_past_the_threshold_the_server_rebalances_by_itself_once(tiny_models, ray_local):
-    with running_server(tiny_models["mixtral"], workers=2, rebalance_window_s=4.0, rebalance_threshold=1.4,
+    with running_server(tiny_models["mixtral"], workers=2, rebalance_window_s=4.0, rebalance_threshold=1.4, share_node_experts=False,
                         rebalance_interval_s=0.0) as s:
         prompts = skewed_prompts(s)
         version = s.controller.topology.version

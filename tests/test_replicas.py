@@ -16,7 +16,7 @@ HOT = 3
 def test_hot_expert_replicas_share_the_tokens_and_keep_transformers_tokens(tiny_models, ray_local):
     model = tiny_models["mixtral"]
     expected = [hf_greedy(model, p) for p in PROMPTS]
-    with running_server(model, workers=2, replicate_hot=True) as server:
+    with running_server(model, workers=2, replicate_hot=True, share_node_experts=False) as server:   # partitioned + hot replicas
         assert [generate(server.channel, p, max_tokens=NEW_TOKENS, ignore_eos=True)[0] for p in PROMPTS] == expected
         # the routed-token counts the planner reads: make expert HOT of every layer far hotter than the rest
         server.engine.expert_load[:, HOT] += 100 * int(server.engine.expert_load.max() + 1)

@@ -4,6 +4,7 @@ Step 1 ("plan") of a change of topology in DESIGN.md: pure and deterministic, no
 Shapes: L layers, E experts per layer, W workers, S slots per worker per layer.
 
     plan_placement = for each layer: replicate -> place_layer (pack, keep, assign, ...: pack.py)
+                     [-> share_on_nodes: each worker also holds what its node holds]
                      then diff: old placement vs new -> moves (with their sources) and releases
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from experts.placement.pack import HOT_FACTOR, SLACK, Affinity, place_layer, replicate
 from experts.placement.plan import Move, Placement, Plan
+from experts.placement.share import share_on_nodes
 
 __all__ = ["HOT_FACTOR", "SLACK", "Move", "Placement", "Plan", "diff", "plan_placement"]
 
@@ -22,7 +24,7 @@ __all__ = ["HOT_FACTOR", "SLACK", "Move", "Placement", "Plan", "diff", "plan_pla
 def plan_placement(current: Placement | None, workers: Sequence[str], nodes: Mapping[str, str],
                    num_layers: int, num_experts: int, slots_per_worker: int,
                    load: Sequence[Sequence[float]] | None = None, replicate_hot: bool = False,
-                   redundant: int = 0) -> Plan:
+                   redundant: int = 0, share_node: bool = False) -> Plan:
     """Place L x E logical experts on the target workers, S slots each per layer; list the moves.
 
     current: the placement serving now, or None at start-up (everything is read from disk).
@@ -32,6 +34,9 @@ def plan_placement(current: Placement | None, workers: Sequence[str], nodes: Map
     replicate_hot: spare slots (W*S > E) may hold extra replicas of hot experts.
     redundant: this many spare slots per layer hold replicas of the hottest experts whatever their
     load (as many as the spare slots and W allow).
+    share_node: each worker also holds every expert another worker of its node holds, in every
+    layer where its S slots allow (share.py): on one node a replica is a remap (no byte copied,
+    no memory: the workers map the same segment), and the engine balances each layer over them.
     Returns a Plan whose placement is [W][L] -> experts, each layer within pack.py's band.
     Raises ValueError, quoting the bad value, for impossible or malformed input.
     """
@@ -49,6 +54,8 @@ def plan_placement(current: Placement | None, workers: Sequence[str], nodes: Map
             node=tuple(nodes[w] for w in targets),
             near={e: frozenset(nodes[old.workers[i]] for i in ix) for e, ix in old.log2phy(l).items()})
         per_layer.append(place_layer(items, affinity))
+    if share_node:
+        per_layer = [share_on_nodes(bins, tuple(nodes[w] for w in targets), S) for bins in per_layer]
     new = Placement(targets, tuple(tuple(tuple(x[w]) for x in per_layer) for w in range(len(targets))))
     moves, releases = diff(old, new, nodes)
     return Plan(new, moves, releases)

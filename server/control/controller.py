@@ -53,7 +53,8 @@ class Controller:
                  resources: WorkerResources = WorkerResources(), slots_per_worker: int = 0,
                  standby: int = 0, prepare_timeout: float = 300.0,
                  expert_load: Callable[[], list[list[float]] | None] = lambda: None,
-                 replicate_hot: bool = False, worker_timeout: float = 60.0, redundant_experts: int = 0, wire: WireConfig | None = None) -> None:
+                 replicate_hot: bool = False, worker_timeout: float = 60.0, redundant_experts: int = 0, wire: WireConfig | None = None,
+                 share_node: bool = False) -> None:
         self.spec = spec
         self.model_dir = model_dir
         self.namespace = namespace
@@ -66,6 +67,7 @@ class Controller:
         self.replicate_hot = replicate_hot
         self.worker_timeout = worker_timeout   # per exchange: a worker silent this long is lost
         self.redundant_experts = redundant_experts   # replicas per layer kept whatever the load (reroute on loss)
+        self.share_node = share_node           # every worker holds its node's experts (experts/placement/share.py)
         self.wire = wire or WireConfig.generate()   # the per-server secret, handed to each worker it starts
         self.target_workers = 0                # the count the operator asked for last (a loss restores it)
         self.sweepers = Sweepers(namespace)
@@ -187,7 +189,7 @@ class Controller:
             plan = plan_placement(old.placement if old else None, target, nodes,
                                   len(self.spec.moe_layers), self.spec.num_experts, self.slots,
                                   load=self.expert_load() if load is None else load, replicate_hot=self.replicate_hot,
-                                  redundant=self.redundant_experts)
+                                  redundant=self.redundant_experts, share_node=self.share_node)
             if lost:
                 plan = sources_without(plan, old.placement, lost, nodes)
         parts["plan"] = time.perf_counter() - t1

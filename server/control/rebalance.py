@@ -60,13 +60,14 @@ class ExpertLoadWindow:
             return self._counts[live].sum(axis=0)
 
 
-def plan_rebalance(topology: Topology, load: list[list[float]], slots: int, replicate_hot: bool) -> Placement:
+def plan_rebalance(topology: Topology, load: list[list[float]], slots: int, replicate_hot: bool,
+                   redundant: int = 0, share_node: bool = False) -> Placement:
     """The placement a rebalance of `topology` by `load` would commit (the controller plans the
-    same: the planner is deterministic)."""
+    same, with the same options: the planner is deterministic)."""
     p = topology.placement
     nodes = {w: info.node_id for w, info in topology.workers.items()}
     return plan_placement(p, p.workers, nodes, p.num_layers, len(load[0]), slots, load=load,
-                          replicate_hot=replicate_hot).placement
+                          replicate_hot=replicate_hot, redundant=redundant, share_node=share_node).placement
 
 
 class Rebalancer:
