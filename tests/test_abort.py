@@ -21,7 +21,7 @@ PROMPTS = [[5, 17, 33, 8], [100, 7, 9, 11, 250, 3], list(range(40, 60))]
 
 @pytest.fixture(scope="class")
 def server(tiny_models, ray_local):
-    with running_server(tiny_models["olmoe"], workers=2) as s:
+    with running_server(tiny_models["olmoe"], workers=2, share_node_experts=False) as s:   # a scale-down receives experts
         yield s
 
 

@@ -126,7 +126,10 @@ class StreamLog:
     error: str = ""
 
 
-def stream(channel: grpc.Channel, prompt_ids: list[int], max_tokens: int, log: StreamLog) -> StreamLog:
+def stream(channel: grpc.Channel, prompt_ids: list[int], max_tokens: int, log: StreamLog, nice: int = 0) -> StreamLog:
+    if nice:
+        # this thread only (Linux: a thread id names one thread); raising niceness needs no privilege
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     req = pb.GenerateRequest(prompt_token_ids=prompt_ids,
                              sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     try:
@@ -140,10 +143,14 @@ def stream(channel: grpc.Channel, prompt_ids: list[int], max_tokens: int, log: S
     return log
 
 
-def run_batch(channel: grpc.Channel, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[StreamLog]]:
-    """Start all streams at once; return wall seconds and their logs."""
+def run_batch(channel: grpc.Channel, prompts: list[list[int]], max_tokens: int,
+              nice: int = 0) -> tuple[float, list[StreamLog]]:
+    """Start all streams at once; return wall seconds and their logs. `nice` > 0: the streams'
+    threads run at that niceness, so that a load generator sharing the server's cores takes the
+    CPU the server leaves idle rather than preempting its engine and workers (a client on
+    another machine costs the server nothing)."""
     logs = [StreamLog(time.monotonic()) for _ in prompts]
-    threads = [threading.Thread(target=stream, args=(channel, p, max_tokens, log)) for p, log in zip(prompts, logs)]
+    threads = [threading.Thread(target=stream, args=(channel, p, max_tokens, log, nice)) for p, log in zip(prompts, logs)]
     t0 = time.monotonic()
     for t in threads:
         t.start()

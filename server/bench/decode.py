@@ -36,11 +36,13 @@ def _phase_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 def _cpu_seconds(srv: ServerProcess) -> dict[str, float]:
-    """CPU seconds used so far by the engine process, the expert workers and the rest of Ray: a
-    measure of work that a loaded machine inflates far less than wall time."""
+    """CPU seconds used so far by the engine process, the expert workers, the rest of Ray and this
+    process (the streaming client): a measure of work that a loaded machine inflates far less
+    than wall time."""
     import psutil  # ray depends on it
 
-    out = {"engine": 0.0, "workers": 0.0, "ray": 0.0}
+    me = psutil.Process().cpu_times()
+    out = {"engine": 0.0, "workers": 0.0, "ray": 0.0, "client": me.user + me.system}
     for pid in srv.pids():
         try:
             proc = psutil.Process(pid)
@@ -57,7 +59,7 @@ def _cpu_ms_per_step(before: dict[str, float], after: dict[str, float], steps: f
 
 
 def bench_server(model: str, workers: int, dtype: str, batches: list[int], tokens: int, vocab: int,
-                 prefill_len: int) -> tuple[list[dict], list[int]]:
+                 prefill_len: int, client_nice: int = 0) -> tuple[list[dict], list[int]]:
     """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1."""
     say(f"starting elasticmoe with {workers} worker(s), {dtype}")
     rows, first = [], []
@@ -71,7 +73,7 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
         run_batch(srv.channel, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
             m0, c0 = srv.metrics(), _cpu_seconds(srv)
-            wall, logs = run_batch(srv.channel, _prompts(b, vocab), tokens)
+            wall, logs = run_batch(srv.channel, _prompts(b, vocab), tokens, client_nice)
             m1, c1 = srv.metrics(), _cpu_seconds(srv)
             errors = [log.error for log in logs if log.error]
             if errors:
@@ -87,7 +89,7 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
         if prefill_len:
             prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
             m0 = srv.metrics()
-            wall, logs = run_batch(srv.channel, prompts, 1)
+            wall, logs = run_batch(srv.channel, prompts, 1, client_nice)
             m1 = srv.metrics()
             n = sum(len(p) for p in prompts)
             rows.append({"system": name, "dtype": dtype, "kind": "prefill", "batch": PREFILL_BATCH, "tokens": n,
@@ -229,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
     worker_counts = [int(w) for w in args.workers.split(",")]
     say(f"{spec.family}: hidden {spec.hidden}, {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
         f"checkpoint {spec.dtype}; served as {dtypes}; batches {batches}, {args.tokens} tokens each, prompts of "
-        f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}")
+        f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}; our streaming client's threads at nice "
+        f"{args.client_nice} (vLLM runs offline: no client)")
     row_bytes = spec.hidden * 4
     floors = {b: exchange_floor(b * spec.top_k * row_bytes) for b in batches}
     say("bare TCP round trip on loopback (median): " +
@@ -243,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             before = peer.run() if peer else []
             for w in worker_counts:
-                got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len)
+                got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len,
+                                          args.client_nice)
                 after = peer.run() if peer else []
                 _bracket(got, before, after)
                 before = after
@@ -263,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     _ratios(rows)
     print()
     print_table(["system", "dtype", "kind", "batch", "tok/s", "x vLLM", "step ms", "attention", "router",
-                 "exchange", "expert FFN", "other", "CPU ms/step engine", "workers"],
+                 "exchange", "expert FFN", "other", "CPU ms/step engine", "workers", "client"],
                 [[r["system"], r["dtype"], r["kind"], r["batch"], r["tokens_per_s"],
                   "-" if r.get("vs_vllm") is None else f"{r['vs_vllm']:.2f}", *_breakdown(r), *_cpu(r)] for r in rows])
     layers = len(spec.moe_layers)
@@ -282,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {same}")
     write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN,
                            "prefill": {"batch": PREFILL_BATCH, "prompt_len": args.prefill_len}, "results": rows,
+                           "client_nice": args.client_nice,
                            "exchange_floor_ms_per_step": floor_ms, "greedy_prompt0": greedy, "vllm": peer_info})
     if args.plot:
         _plot(rows, args.plot)
@@ -296,9 +301,9 @@ def _common_prefix(a: list[int], b: list[int]):
 
 
 def _cpu(row: dict) -> list[object]:
-    """CPU ms per step of the engine process and of all expert workers together."""
+    """CPU ms per step of the engine process, of all expert workers together and of the client."""
     c = row.get("cpu_ms_per_step")
-    return [c["engine"], c["workers"]] if c else ["-", "-"]
+    return [c["engine"], c["workers"], c.get("client", "-")] if c else ["-", "-", "-"]
 
 
 def _breakdown(row: dict) -> list[object]:
