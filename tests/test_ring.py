@@ -220,3 +220,41 @@ def test_remote_experts_equal_each_tokens_weighted_experts(two_workers, same_nod
     finally:
         for link in links.values():
             link.close()
+
+
+def test_the_smallest_exchanges_spin_and_the_rest_sleep(monkeypatch):
+    """A request of at most SMALL_PAIRS pairs: the engine spins for its reply and the worker, having
+    answered it, spins for the next request (a futex wake-up costs 100-400 us on a VM); larger ones
+    sleep at once (their cores are busy)."""
+    from experts.wire import doorbell
+    from experts.wire.ring import REP_WORD, REQ_WORD, SMALL_PAIRS, SMALL_SPIN_S
+
+    waits: list[tuple[int, float]] = []   # (which counter, spin asked)
+    real = doorbell.Doorbell.wait
+
+    def recording(self, target, timeout, spin_s=None):
+        waits.append((self._index, spin_s or 0.0))
+        return real(self, target, timeout, spin_s)
+
+    monkeypatch.setattr(doorbell.Doorbell, "wait", recording)
+    secret = ServerSecret.generate()
+    server = DataPlaneServer(LOOPBACK, BOUNDS, reference, secret, ring_prefix=f"emoe-ringtest-{os.getpid()}-spin-")
+    link = RingLink("w4", server.address, secret, timeout=5)
+    try:
+        for m, spins in ((SMALL_PAIRS, True), (SMALL_PAIRS + 2, False), (1, True)):
+            waits.clear()
+            x, ids, counts, w = pairs(m, m, [5, 6] if m > 1 else [5])
+            assert close(exchange(link, 0, x, ids, counts, w),
+                         reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+            deadline = time.monotonic() + (5 if spins else 0.05)
+            while time.monotonic() < deadline:   # the worker's wait after its reply (its idle waits may come between)
+                first_rep = next(k for k, (i, _) in enumerate(waits) if i == REP_WORD)
+                after = [s for i, s in waits[first_rep:] if i == REQ_WORD]
+                if spins and SMALL_SPIN_S in after:
+                    break
+                time.sleep(0.001)
+            assert waits[first_rep][1] == (SMALL_SPIN_S if spins else 0.0), (m, waits)   # the engine's
+            assert (SMALL_SPIN_S in after) == spins and set(after) <= {0.0, SMALL_SPIN_S}, (m, waits)   # the worker's
+    finally:
+        link.close()
+        server.stop()

@@ -10,6 +10,7 @@ import pytest
 
 from experts.placement.planner import plan_placement
 from server.engine.exchange import Routing
+from experts.wire.ring import SMALL_PAIRS
 from server.engine.replicas import EXPERT_COST, SPLIT_PAIRS, assign
 
 # 3 workers, 2 MoE layers, 4 experts. Layer 0: expert 1 on every worker, expert 2 on w0 and w2.
@@ -50,12 +51,25 @@ def test_a_hot_experts_tokens_alternate_over_its_holders() -> None:
     assert owner[:6, 1].tolist() == [0, 2, 0, 2, 0, 2]   # token t -> holder t mod 2
 
 
+def test_a_small_layer_goes_to_one_worker_that_holds_all_its_experts() -> None:
+    """At most SMALL_PAIRS pairs (decode at batch 1-2): one worker answers the whole layer (one
+    wake-up chain, ring.py spins it), the first that holds all its experts; else balanced."""
+    holders, count = np.array([[0, 1]] * 4), np.array([2] * 4)
+    assert assign(holders, count, np.array([2, 3]), 2, 2).tolist() == [0, 0]
+    holders, count = np.array([[1, 0], [0, 1], [2, 2], [1, 2]]), np.array([1, 2, 1, 2])
+    assert assign(holders, count, np.array([0, 1, 3, 1]), 2, 3).tolist() == [1] * 4   # w1 holds 0, 1, 3
+    assert sorted(set(assign(holders, count, np.array([0, 2]), 2, 3).tolist())) == [1, 2]   # none holds both
+    more = np.array([2, 3] * (SMALL_PAIRS // 2 + 1))     # past SMALL_PAIRS: balanced again
+    assert sorted(set(assign(np.array([[0, 1]] * 4), np.array([2] * 4), more, 2, 2).tolist())) == [0, 1]
+
+
 def test_small_groups_go_whole_to_the_least_loaded_holder() -> None:
-    """One token, top-2, every expert on both workers: one expert per worker (each reads one
-    expert's weights), not both on the first holder."""
+    """Beyond SMALL_PAIRS, every expert on both workers: the groups are spread, each read once."""
     holders = np.array([[0, 1]] * 4)
     count = np.array([2] * 4)
-    assert sorted(assign(holders, count, np.array([2, 3]), 2, 2).tolist()) == [0, 1]
+    ids = np.array([2] * SMALL_PAIRS + [3])
+    owner = assign(holders, count, ids, 1, 2)
+    assert len(set(owner[:SMALL_PAIRS].tolist())) == 1 and owner[-1] != owner[0]
     # expert 0 lives on w0 only and is busy: the replicated ones go to w1 until it has as much
     holders = np.array([[0, 0], [0, 1], [0, 1], [0, 1]])
     count = np.array([1, 2, 2, 2])
@@ -73,7 +87,7 @@ def test_the_work_per_worker_is_balanced_within_one_group() -> None:
     expert's weights + its pairs) differs by at most the largest group's cost."""
     rng = np.random.default_rng(0)
     holders, count = np.array([[0, 1]] * 8), np.array([2] * 8)
-    for tokens in (1, 8, 16, 32):
+    for tokens in (3, 8, 16, 32):
         ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(tokens)]).reshape(-1)
         owner = assign(holders, count, ids, 2, 2)
         routed = np.bincount(ids, minlength=8)

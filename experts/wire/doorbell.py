@@ -6,7 +6,9 @@ in FUTEX_WAIT, which the kernel only enters while the counter still holds the va
 last saw, so a ring between the check and the sleep is never lost. Sleeping, not spinning, is
 the point: the engine and the workers share few cores, and a spinning waiter would take the
 core the process it waits for needs (measured on 2 loaded cores: a 20 us spin per wait raised
-the engine's CPU per step by 40% and bought no wall time; the default is no spin). An eventfd
+the engine's CPU per step by 40% and bought no wall time; the default is no spin). A caller that
+knows a core is free (ring.py: the smallest exchanges) asks for a spin per wait; the spin yields
+the CPU (and the GIL) every round, so a runnable thread beside it goes first. An eventfd
 would need fd passing between unrelated processes; a futex needs only the shared mapping. Not
 FUTEX_PRIVATE: the two sides are two processes. ctypes calls release the GIL, so other threads
 run while one sleeps.
@@ -64,16 +66,18 @@ class Doorbell:
         self._words[self._index] = value & 0xFFFFFFFF
         self._syscall(self._nr, self._addr, FUTEX_WAKE, _WAKE_ALL, None, None, 0)
 
-    def wait(self, target: int, timeout: float) -> bool:
-        """Until the counter reaches `target` (True) or `timeout` seconds pass (False)."""
+    def wait(self, target: int, timeout: float, spin_s: float | None = None) -> bool:
+        """Until the counter reaches `target` (True) or `timeout` seconds pass (False); first
+        spinning `spin_s` (default: the doorbell's) before sleeping."""
         words, i = self._words, self._index
         if seq_reached(int(words[i]), target):
             return True
         now = time.perf_counter()
-        spin_end, end = now + self._spin_s, now + timeout
+        spin_end, end = now + (self._spin_s if spin_s is None else spin_s), now + timeout
         while time.perf_counter() < spin_end:
             if seq_reached(int(words[i]), target):
                 return True
+            os.sched_yield()   # releases the GIL; a runnable thread on this CPU runs first
         ts = _Timespec()
         while True:
             seen = int(words[i])

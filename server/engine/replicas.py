@@ -12,12 +12,19 @@ workers map the same segment), so with every expert on every worker of the node 
 each layer evenly (measured on 2 cores, 2 workers, fp32 decode: batch 8/16/32 +12/+32/+25% tok/s
 against experts split between the workers).
 
+A layer of at most SMALL_PAIRS pairs (decode at batch 1-2) goes whole to the first worker that
+holds all of its experts, if one does: such an exchange is all latency (wake-ups, not weights),
+one worker answers it, and only that worker and the engine spin while they wait
+(experts/wire/ring.py).
+
 The choice is a pure function of the layer's routed ids and the holder tables: the same batch
 always goes the same way, and each pair's result does not depend on which worker computes it.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from experts.wire.ring import SMALL_PAIRS
 
 EXPERT_COST = 16     # an expert's weights read once, in pairs' worth of work (decode, CPU, measured)
 SPLIT_PAIRS = 64     # a replicated group above this many pairs is split over its holders
@@ -26,6 +33,10 @@ SPLIT_PAIRS = 64     # a replicated group above this many pairs is split over it
 def assign(holders: np.ndarray, count: np.ndarray, ids: np.ndarray, top_k: int, workers: int) -> np.ndarray:
     """holders [E, R] worker indices (the first count[e] valid), count [E], ids [T*K] experts per
     pair token-major -> [T*K] worker index serving each pair."""
+    if ids.shape[0] <= SMALL_PAIRS:
+        one = _holder_of_all(holders, count, ids, workers)
+        if one is not None:
+            return np.full(ids.shape[0], one, dtype=holders.dtype)
     token = np.arange(ids.shape[0]) // top_k
     owner = holders[ids, token % count[ids]]            # split groups (and single holders) as they are
     routed = np.bincount(ids, minlength=count.shape[0])
@@ -48,3 +59,13 @@ def assign(holders: np.ndarray, count: np.ndarray, ids: np.ndarray, top_k: int, 
     pick = np.isin(ids, whole)
     owner[pick] = table[ids[pick]]
     return owner
+
+
+def _holder_of_all(holders: np.ndarray, count: np.ndarray, ids: np.ndarray, workers: int) -> int | None:
+    """The first worker holding every expert in `ids`, or None."""
+    common = np.ones(workers, dtype=bool)
+    for e in np.unique(ids).tolist():
+        held = np.zeros(workers, dtype=bool)
+        held[holders[e, :count[e]]] = True
+        common &= held
+    return int(common.argmax()) if common.any() else None
