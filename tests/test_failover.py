@@ -138,6 +138,12 @@ def test_sigkill_with_node_shared_experts_is_a_reroute(tiny_models, ray_local):
         m = server.metrics
         remap_before = value(m, "elasticmoe_expert_bytes_moved_total", path="remap")
         disk_before = value(m, "elasticmoe_expert_bytes_moved_total", path="disk")
+        # at start each expert was read from disk once (one worker), the other worker remapped it
+        from experts.model.dtypes import TORCH_DTYPES
+        from memory.segments import ExpertShape
+        spec = server.spec
+        expert = ExpertShape(spec.hidden, spec.expert_intermediate, TORCH_DTYPES[spec.dtype]).nbytes
+        assert disk_before == remap_before == expert * len(spec.moe_layers) * spec.num_experts
         traffic = GapTraffic(server.channel, expected)
         wait_for(lambda: traffic.done >= 2, 60, "traffic")
         os.kill(server.controller.topology.workers[victim].pid, signal.SIGKILL)

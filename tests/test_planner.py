@@ -33,9 +33,13 @@ def check(plan: Plan, current: Placement | None, workers: list[str], L: int, E: 
             arrived = {m.expert for m in plan.moves if (m.dst, m.layer) == (w, l)}
             assert set(held(new, w, l)) == set(held(old, w, l)) - released | arrived
             assert not released & set(held(new, w, l)) and not arrived & set(held(old, w, l))
+        loads: dict[tuple[int, str], str] = {}   # (expert, node) -> the worker reading it from disk in this plan
         for m in (m for m in plan.moves if m.layer == l):
             live = old.holders(l, m.expert)
-            assert (m.src is None) == (not live), "disk only when no live copy exists"
+            if not live:   # no live copy: read from disk once per node, the node's other receivers remap it
+                first = loads.setdefault((m.expert, nodes[m.dst]), m.dst)
+                assert m.src == (None if first == m.dst else first) and m.same_node == (m.src is not None), m
+                continue
             if m.src is not None:
                 assert m.src in live
                 near = [s for s in live if nodes[s] == nodes[m.dst]]
@@ -407,6 +411,10 @@ def test_node_sharing_gives_each_worker_its_nodes_experts_and_remaps_only():
 
     plan = plan_placement(None, ["a", "b"], {"a": "n0", "b": "n0"}, 2, 8, 8, share_node=True)
     assert all(plan.placement.held_by(w)[l] == tuple(range(8)) for w in "ab" for l in range(2))
+    # at start each expert is read from disk once, by one worker; the other remaps that segment
+    disk = {(m.layer, m.expert): m.dst for m in plan.moves if m.src is None}
+    assert len(disk) == 16 and len(plan.moves) == 32
+    assert all(m.same_node and m.src == disk[(m.layer, m.expert)] for m in plan.moves if m.src is not None)
     grown = plan_placement(plan.placement, ["a", "b", "c"], {"a": "n0", "b": "n0", "c": "n0"}, 2, 8, 8, share_node=True)
     assert grown.moves and all(m.same_node and m.src in ("a", "b") and m.dst == "c" for m in grown.moves)
     assert not grown.releases

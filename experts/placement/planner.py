@@ -68,10 +68,13 @@ def diff(old: Placement, new: Placement, nodes: Mapping[str, str]
     moves: one per (layer, expert) a worker holds in ``new`` but not in ``old``, by layer, then
     destination in worker order, then expert. Its source is a current holder on the destination's
     node (a remap copies nothing) if any, else any current holder; among those the one asked for
-    the fewest moves so far (ties: worker order); None when no live copy exists (disk).
+    the fewest moves so far (ties: worker order); with no live copy, a worker of the same node
+    that reads it from disk in this plan (its move comes first: the caller runs such remaps after
+    the loads), else None (disk): a node reads each expert from disk once.
     releases: (worker, layer, expert) held in ``old`` and not in ``new``."""
     sends: Counter[str] = Counter()
     moves = []
+    loading: dict[tuple[str, int, int], str] = {}   # (node, layer, expert) -> the worker reading it from disk
     before, after = dict(zip(old.workers, old.experts)), dict(zip(new.workers, new.experts))
     for l in range(new.num_layers):
         holders = old.log2phy(l)
@@ -80,6 +83,10 @@ def diff(old: Placement, new: Placement, nodes: Mapping[str, str]
                 srcs = [old.workers[i] for i in holders.get(e, ())]
                 same = [s for s in srcs if nodes[s] == nodes[dst]]
                 src = min(same or srcs, key=lambda s: sends[s], default=None)
+                if src is None:
+                    src = loading.get((nodes[dst], l, e))
+                    if src is None:
+                        loading[(nodes[dst], l, e)] = dst
                 if src is not None:
                     sends[src] += 1
                 moves.append(Move(l, e, dst, src, src is not None and nodes[src] == nodes[dst]))

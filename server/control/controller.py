@@ -354,24 +354,37 @@ class Controller:
 
     def _prepare(self, plan: Plan, old: Topology | None, infos: dict[str, WorkerInfo], handles: dict,
                  joining: list[_Live]) -> list[ReceiveResult]:
-        by_dst: dict[str, list[Incoming]] = {}
+        # first every move from a live copy or the disk; then the remaps of what a node-mate has
+        # just read from disk in this change (the planner reads each expert once per node)
+        now: list = []
+        after: list = []
         for m in plan.moves:
-            if m.src is None:
-                item = Incoming(m.layer, m.expert, "disk")
-            else:
-                assert old is not None
-                name = old.segments[(m.src, m.layer, m.expert)]
-                path = "remap" if m.same_node else "peer"
-                item = Incoming(m.layer, m.expert, path, name, infos[m.src].transfer_address)
-            by_dst.setdefault(m.dst, []).append(item)
-        refs = {w: handles[w].receive.remote(items) for w, items in by_dst.items()}
+            (after if m.src is not None and (old is None or (m.src, m.layer, m.expert) not in old.segments)
+             else now).append(m)
         results: list[ReceiveResult] = []
         failure: Exception | None = None
-        for w, ref in refs.items():
-            try:
-                results.append(ray.get(ref, timeout=self.prepare_timeout))
-            except Exception as exc:  # a dead worker, a failed transfer, a timeout
-                failure = failure or RuntimeError(f"prepare failed on worker {w}: {exc}")
+        segments = dict(old.segments) if old else {}
+        for stage in (now, after):
+            if failure is not None or not stage:
+                continue
+            by_dst: dict[str, list[Incoming]] = {}
+            for m in stage:
+                if m.src is None:
+                    item = Incoming(m.layer, m.expert, "disk")
+                else:
+                    name = segments[(m.src, m.layer, m.expert)]
+                    path = "remap" if m.same_node else "peer"
+                    item = Incoming(m.layer, m.expert, path, name, infos[m.src].transfer_address)
+                by_dst.setdefault(m.dst, []).append(item)
+            refs = {w: handles[w].receive.remote(items) for w, items in by_dst.items()}
+            for w, ref in refs.items():
+                try:
+                    res = ray.get(ref, timeout=self.prepare_timeout)
+                except Exception as exc:  # a dead worker, a failed transfer, a timeout
+                    failure = failure or RuntimeError(f"prepare failed on worker {w}: {exc}")
+                    continue
+                results.append(res)
+                segments.update({(res.worker_id, l, e): n for (l, e), n in res.segments.items()})
         if failure is None:
             try:
                 # a worker on the engine's node gets a shared-memory ring, others TCP
