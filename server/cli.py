@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtypes", default="float32,bfloat16", help="decode: dtypes to serve the checkpoint in")
     b.add_argument("--workers", default="1,2", help="decode: worker counts of our server")
     b.add_argument("--prefill-len", type=int, default=512, help="decode: prompt length of the prefill row (0: none)")
-    b.add_argument("--client-nice", type=int, default=10,
-                   help="decode: niceness of the streaming client's threads (0: compete with the server for its cores)")
+    b.add_argument("--client-nice", type=int, default=0,
+                   help="decode: niceness of the streaming client's threads (default 0: it competes with the server for the cores)")
     b.add_argument("--threads", type=int, default=2, help="kernels: OpenMP threads")
     b.add_argument("--repeat", type=int, default=200, help="kernels: timed calls per cell")
     b.add_argument("--minutes", type=float, default=10.0, help="chaos: how long the driver breaks things")
