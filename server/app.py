@@ -30,7 +30,7 @@ from experts.placement.balance import RebalanceRule
 from server.control.failover import Failover
 from server.control.topology import ChangeReport, ScaleRejected
 from server.engine.loop import Engine
-from server.engine.threads import engine_threads
+from server.engine.threads import step_threads
 from server.engine.request import EngineObserver, Request
 from server.api.deadline import WriteDeadline
 from server.api.front import GrpcFront
@@ -121,7 +121,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         # the engine's phases use every core it may run on while the workers wait (server/engine/threads.py)
-        engine_threads(config.engine_threads)
+        self.threads = step_threads(config.engine_threads)
         self.spec = load_spec(config.model, config.dtype)
         self.tokenizer = Tokenizer.from_file(os.path.join(config.model, "tokenizer.json"))
         self.namespace = uuid.uuid4().hex[:8]
@@ -161,7 +161,8 @@ class Server:
         cache = KVCache(spec, c.num_blocks, c.block_size)
         scheduler = Scheduler(blocks, c.max_waiting, c.max_running, c.max_step_tokens)
         max_len = min(c.max_model_len or spec.max_position, spec.max_position)
-        self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats, c.overlap)
+        self.engine = Engine(model, self.tokenizer, blocks, cache, scheduler, max_len, self.stats, c.overlap,
+                             self.threads)
         self.metrics.watch_engine_phases(self.engine.profile.snapshot)
         self.engine.start()
         self.controller = Controller(

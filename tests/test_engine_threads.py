@@ -86,3 +86,27 @@ def test_serve_takes_the_engine_thread_count_asked_for(tiny_models):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_wide_steps_take_every_cpu():
+    """Steps of at least WIDE_STEP_TOKENS tokens (prefill) use every CPU, decode steps the CPUs but
+    one; a count asked for with --engine-threads holds for every step."""
+    from server.engine.threads import WIDE_STEP_TOKENS, StepThreads, available_cpus, step_threads
+
+    auto = step_threads(0)
+    assert auto.for_tokens(1) == max(1, available_cpus() - 1) and auto.for_tokens(WIDE_STEP_TOKENS) == available_cpus()
+    fixed = step_threads(3)
+    assert fixed.for_tokens(1) == fixed.for_tokens(4096) == 3
+    assert StepThreads(1, 2).for_tokens(WIDE_STEP_TOKENS - 1) == 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell wide from narrow")
+def test_the_engine_runs_a_long_prompt_wide_and_decode_narrow(tiny_models, ray_local):
+    from tests.conftest import generate, running_server
+
+    with running_server(tiny_models["mixtral"], workers=1, max_step_tokens=512) as server:
+        server.engine.steps_by_threads.clear()
+        generate(server.channel, list(range(3, 203)), max_tokens=4, ignore_eos=True)   # 200-token prompt
+        cpus = len(os.sched_getaffinity(0))
+        seen = dict(server.engine.steps_by_threads)
+        assert seen.get(cpus, 0) >= 1 and seen.get(cpus - 1, 0) >= 3, seen

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ from server.engine.request import EngineObserver, Output, Request
 from server.engine.sampling import Sampler, SamplingParams
 from server.engine.scheduler import QueueFull, Scheduled, Scheduler, Sequence
 from server.engine.step import ModelRunner, StepInput
+from server.engine.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ class IntakeClosed(Exception):
 
 class Engine:
     def __init__(self, model: MoEModel, tokenizer, blocks: KVBlockTable, cache: KVCache, scheduler: Scheduler,
-                 max_model_len: int, observer: EngineObserver | None = None, overlap: bool = False) -> None:
+                 max_model_len: int, observer: EngineObserver | None = None, overlap: bool = False,
+                 threads: StepThreads | None = None) -> None:
         self.model = model
         self.spec = model.spec
         self.tokenizer = tokenizer
@@ -46,6 +49,8 @@ class Engine:
         self.max_model_len = max_model_len
         self.observer = observer or EngineObserver()
         self.overlap = overlap
+        self.threads = threads          # None: the thread count set at start, every step
+        self.steps_by_threads: Counter[int] = Counter()   # steps run at each thread count
         self.backend: ExpertBackend | None = None
         self.version = 0
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
@@ -259,6 +264,11 @@ class Engine:
         with prof("inputs"):
             inputs = [self._inputs(part) for part in parts]
         plan = [item for part in parts for item in part]
+        if self.threads is not None:
+            want = self.threads.for_tokens(sum(int(i.input_ids.shape[0]) for i in inputs))
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
+        self.steps_by_threads[torch.get_num_threads()] += 1
         logits = self.runner.run(inputs, self.backend)
         prof.steps += 1
         for layer, routed in self.backend.take_expert_counts().items():

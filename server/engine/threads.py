@@ -9,7 +9,9 @@ whose threads fill every core stalls at its barrier whenever any other thread ru
 as the scheduler lets that thread run. Measured in the server on 2 cores (2 workers, fp32, A/B
 alternating, two rounds): 1 engine thread against 2 gave 79 vs 41 tok/s at batch 1 and 725 vs 470
 at batch 32, the engine's attention phase 2.1-2.4 vs 5.7 ms per step at batch 1 (isolated, with
-nothing else running, 2 threads win).
+nothing else running, 2 threads win). A wide step (at least WIDE_STEP_TOKENS tokens: prefill
+chunks) has ops large enough to pay for the stalls, so it takes every CPU (`StepThreads`):
+4 x 512-token prefill +25% prompt tok/s, its attention 34-37 vs 60 ms (A/B, 2 cores).
 libgomp reads its wait policy once, when torch loads it, hence `passive_openmp` must run before
 the first `import torch` of the process (the CLI calls it first thing); the thread count can be set
 at any time (`engine_threads`).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,24 @@ def engine_threads(requested: int = 0, reserved: int = RESERVED_CPUS) -> int:
     torch.set_num_threads(n)
     log.info("engine: %d torch threads, OMP_WAIT_POLICY=%s", n, os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"))
     return n
+
+
+WIDE_STEP_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class StepThreads:
+    """The engine's thread count per step: `narrow` for decode-sized steps, `wide` for steps of at
+    least WIDE_STEP_TOKENS tokens."""
+    narrow: int
+    wide: int
+
+    def for_tokens(self, tokens: int) -> int:
+        return self.wide if tokens >= WIDE_STEP_TOKENS else self.narrow
+
+
+def step_threads(requested: int = 0) -> StepThreads:
+    """Set the engine's threads (`engine_threads`) and say how many each step takes: what was
+    asked for every step when `requested`, else the CPUs but one, and every CPU for wide steps."""
+    n = engine_threads(requested)
+    return StepThreads(n, n if requested else available_cpus())
