@@ -232,8 +232,8 @@ def test_the_smallest_exchanges_spin_and_the_rest_sleep(monkeypatch):
     waits: list[tuple[int, float]] = []   # (which counter, spin asked)
     real = doorbell.Doorbell.wait
 
-    def recording(self, target, timeout, spin_s=None):
-        waits.append((self._index, spin_s or 0.0))
+    def recording(self, target, timeout, spin_s=0.0):
+        waits.append((self._index, spin_s))
         return real(self, target, timeout, spin_s)
 
     monkeypatch.setattr(doorbell.Doorbell, "wait", recording)

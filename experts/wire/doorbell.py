@@ -49,12 +49,11 @@ def seq_reached(value: int, target: int) -> bool:
 class Doorbell:
     """One 32-bit counter at `words[index]` of a shared mapping whose base address is `base`."""
 
-    def __init__(self, words: np.ndarray, index: int, base: int, spin_s: float = 0.0) -> None:
+    def __init__(self, words: np.ndarray, index: int, base: int) -> None:
         assert words.dtype == np.uint32 and base % 4 == 0
         self._words = words
         self._index = index
         self._addr = ctypes.c_void_p(base + 4 * index)
-        self._spin_s = spin_s
         self._syscall, self._nr = _libc_syscall()
 
     def value(self) -> int:
@@ -66,14 +65,14 @@ class Doorbell:
         self._words[self._index] = value & 0xFFFFFFFF
         self._syscall(self._nr, self._addr, FUTEX_WAKE, _WAKE_ALL, None, None, 0)
 
-    def wait(self, target: int, timeout: float, spin_s: float | None = None) -> bool:
+    def wait(self, target: int, timeout: float, spin_s: float = 0.0) -> bool:
         """Until the counter reaches `target` (True) or `timeout` seconds pass (False); first
-        spinning `spin_s` (default: the doorbell's) before sleeping."""
+        spinning `spin_s` before sleeping."""
         words, i = self._words, self._index
         if seq_reached(int(words[i]), target):
             return True
         now = time.perf_counter()
-        spin_end, end = now + (self._spin_s if spin_s is None else spin_s), now + timeout
+        spin_end, end = now + spin_s, now + timeout
         while time.perf_counter() < spin_end:
             if seq_reached(int(words[i]), target):
                 return True

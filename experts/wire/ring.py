@@ -83,14 +83,14 @@ class RingLayout:
 class _Mapped:
     """Both sides' view of one ring file."""
 
-    def __init__(self, fd: int, layout: RingLayout, spin_s: float) -> None:
+    def __init__(self, fd: int, layout: RingLayout) -> None:
         self.layout = layout
         self.mm = mmap.mmap(fd, layout.total)   # MAP_SHARED
         self.buf = np.frombuffer(self.mm, dtype=np.uint8)
         words = self.buf[:PAGE].view(np.uint32)
         base = words.ctypes.data
-        self.requests = Doorbell(words, REQ_WORD, base, spin_s)
-        self.replies = Doorbell(words, REP_WORD, base, spin_s)
+        self.requests = Doorbell(words, REQ_WORD, base)
+        self.replies = Doorbell(words, REP_WORD, base)
 
     def tensor(self, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         """A tensor over the shared bytes at `offset` (no copy)."""
@@ -126,7 +126,7 @@ def _exiting(stat_fd: int) -> bool:
 
 
 def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute: Compute, io_timeout: float,
-               stopping: Callable[[], bool], spin_s: float = 0.0) -> None:
+               stopping: Callable[[], bool]) -> None:
     """The worker's side of one ring link, on the link's thread, until the engine closes the
     lifeline or `stopping()`."""
     layout = RingLayout.of(bounds)
@@ -135,7 +135,7 @@ def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute: 
     try:
         try:
             os.ftruncate(fd, layout.total)
-            ring = _Mapped(fd, layout, spin_s)
+            ring = _Mapped(fd, layout)
         finally:
             os.close(fd)
         encoded = name.encode()
@@ -193,15 +193,13 @@ class RingLink:
     """The engine's side of one same-node worker: `send` then `recv_into`, like WorkerLink."""
     kind = "ring"
 
-    def __init__(self, worker_id: str, address: tuple[str, int], secret: ServerSecret, timeout: float = 60.0,
-                 spin_s: float = 0.0) -> None:
+    def __init__(self, worker_id: str, address: tuple[str, int], secret: ServerSecret, timeout: float = 60.0) -> None:
         self.worker_id = worker_id
         self.address = address
         self.timeout = timeout
         self.last_compute_s = 0.0
         self._seq = 0
         self._owed: deque[tuple[int, int]] = deque()   # (seq, pairs) of each request owed a reply
-        self._spin_s = spin_s
         self.ring: _Mapped | None = None
         self._stat_fd: int | None = None   # the worker's /proc/<pid>/stat, once followed
         self.sock = nodelay(socket.create_connection(address, timeout=timeout))
@@ -228,7 +226,7 @@ class RingLink:
             if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077 or st.st_size != total:
                 raise PermissionError(f"worker {self.worker_id}: ring file {name!r} is uid {st.st_uid} "
                                       f"mode {oct(st.st_mode)} size {st.st_size}")
-            ring = _Mapped(fd, layout, self._spin_s)
+            ring = _Mapped(fd, layout)
         finally:
             os.close(fd)
         self.sock.sendall(b"\x01")
