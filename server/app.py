@@ -120,7 +120,7 @@ class _FailoverMetrics:
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        # the engine's phases use every core it may run on while the workers wait (server/engine/threads.py)
+        # the engine's threads: its CPUs but one for decode steps, all of them for wide steps (server/engine/threads.py)
         self.threads = step_threads(config.engine_threads)
         self.spec = load_spec(config.model, config.dtype)
         self.tokenizer = Tokenizer.from_file(os.path.join(config.model, "tokenizer.json"))

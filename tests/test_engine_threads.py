@@ -91,13 +91,19 @@ def test_serve_takes_the_engine_thread_count_asked_for(tiny_models):
 def test_wide_steps_take_every_cpu():
     """Steps of at least WIDE_STEP_TOKENS tokens (prefill) use every CPU, decode steps the CPUs but
     one; a count asked for with --engine-threads holds for every step."""
+    import torch
+
     from server.engine.threads import WIDE_STEP_TOKENS, StepThreads, available_cpus, step_threads
 
-    auto = step_threads(0)
-    assert auto.for_tokens(1) == max(1, available_cpus() - 1) and auto.for_tokens(WIDE_STEP_TOKENS) == available_cpus()
-    fixed = step_threads(3)
-    assert fixed.for_tokens(1) == fixed.for_tokens(4096) == 3
-    assert StepThreads(1, 2).for_tokens(WIDE_STEP_TOKENS - 1) == 1
+    before = torch.get_num_threads()   # step_threads sets this process's count: put it back after
+    try:
+        auto = step_threads(0)
+        assert auto.for_tokens(1) == max(1, available_cpus() - 1) and auto.for_tokens(WIDE_STEP_TOKENS) == available_cpus()
+        fixed = step_threads(3)
+        assert fixed.for_tokens(1) == fixed.for_tokens(4096) == 3
+        assert StepThreads(1, 2).for_tokens(WIDE_STEP_TOKENS - 1) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell wide from narrow")
