@@ -46,11 +46,12 @@ class Routing:
             count.append(torch.tensor([len(h) for h in lists], dtype=torch.long))
         return Routing(version, tuple(workers), tuple(holders), tuple(count))
 
-    def owners(self, layer: int, ids: np.ndarray, top_k: int) -> np.ndarray:
+    def owners(self, layer: int, ids: np.ndarray, top_k: int, routed: np.ndarray | None = None) -> np.ndarray:
         """ids [T*A] experts of MoE layer ``layer`` chosen per pair, token-major -> [T*A] index into
         ``workers`` of the holder each pair goes to, the layer's work balanced over the replicas
-        (server/engine/replicas.py); the same batch always goes the same way."""
-        return assign(self.holders[layer].numpy(), self.count[layer].numpy(), ids, top_k, len(self.workers))
+        (server/engine/replicas.py); the same batch always goes the same way. `routed`: pairs per
+        expert in `ids`, if counted already."""
+        return assign(self.holders[layer].numpy(), self.count[layer].numpy(), ids, top_k, len(self.workers), routed)
 
 
 class RemoteExperts:
@@ -82,7 +83,7 @@ class RemoteExperts:
         ids = topk_ids.numpy().reshape(-1)
         routed = np.bincount(ids, minlength=num_experts)   # summed over the step's micro-batches
         self.expert_counts[l] = self.expert_counts[l] + routed if l in self.expert_counts else routed
-        key = self.routing.owners(l, ids, a) * num_experts + ids
+        key = self.routing.owners(l, ids, a, routed) * num_experts + ids
         order = np.argsort(key, kind="stable")            # pairs grouped by (worker, expert)
         sorted_key = key[order]
         starts = _run_starts(sorted_key)

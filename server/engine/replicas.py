@@ -30,16 +30,19 @@ EXPERT_COST = 16     # an expert's weights read once, in pairs' worth of work (d
 SPLIT_PAIRS = 64     # a replicated group above this many pairs is split over its holders
 
 
-def assign(holders: np.ndarray, count: np.ndarray, ids: np.ndarray, top_k: int, workers: int) -> np.ndarray:
+def assign(holders: np.ndarray, count: np.ndarray, ids: np.ndarray, top_k: int, workers: int,
+           routed: np.ndarray | None = None) -> np.ndarray:
     """holders [E, R] worker indices (the first count[e] valid), count [E], ids [T*K] experts per
-    pair token-major -> [T*K] worker index serving each pair."""
+    pair token-major -> [T*K] worker index serving each pair. `routed` [E]: pairs per expert in
+    `ids`, when the caller has counted them already."""
     if ids.shape[0] <= SMALL_PAIRS:
         one = _holder_of_all(holders, count, ids, workers)
         if one is not None:
             return np.full(ids.shape[0], one, dtype=holders.dtype)
     token = np.arange(ids.shape[0]) // top_k
     owner = holders[ids, token % count[ids]]            # split groups (and single holders) as they are
-    routed = np.bincount(ids, minlength=count.shape[0])
+    if routed is None:
+        routed = np.bincount(ids, minlength=count.shape[0])
     whole = np.flatnonzero((count > 1) & (routed > 0) & (routed <= SPLIT_PAIRS))
     if whole.size == 0:
         return owner
