@@ -1,5 +1,6 @@
 """Which replica serves each (token, expert) pair of one MoE layer: the step's work balanced over
-the workers holding each expert. Pure numpy: no torch, no ray.
+the workers holding each expert. Numpy only (no torch or ray calls; from the wire it takes the
+one threshold it shares with the ring, SMALL_PAIRS).
 
 A group (one expert's pairs in the layer) costs its worker the expert's weights read once plus
 its pairs, so the cost of a group of n pairs is EXPERT_COST + n, in pairs. Groups whose expert has
