@@ -169,7 +169,7 @@ class Server:
             spec, os.path.abspath(c.model), self.namespace, self._commit,
             cluster.WorkerResources(c.worker_cpus, c.worker_gpus), c.slots_per_worker, c.standby,
             c.prepare_timeout_s, self._expert_load, c.replicate_hot, worker_timeout=c.worker_timeout_s,
-            redundant_experts=c.redundant_experts, share_node=c.share_node_experts,
+            redundant_experts=c.redundant_experts, share_node=c.share_node_experts, node_lead=c.node_lead,
             # workers listen on loopback unless the server joins a cluster that spans nodes
             wire=WireConfig.generate(c.max_step_tokens, None if c.ray_address else LOOPBACK))
         self.metrics.watch_worker_connections(self.controller.refused_connections)

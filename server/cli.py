@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_waiting=args.max_waiting,
         max_running=args.max_running, max_step_tokens=args.max_step_tokens, max_model_len=args.max_model_len,
         standby=args.standby, standby_refill_delay_s=args.standby_refill_delay, worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
-        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, share_node_experts=args.share_node_experts, overlap=args.overlap, engine_threads=args.engine_threads,
+        slots_per_worker=args.slots_per_worker, replicate_hot=args.replicate_hot, share_node_experts=args.share_node_experts, node_lead=args.node_lead, overlap=args.overlap, engine_threads=args.engine_threads,
         worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token, api_key=args.api_key,
         admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace,
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--share-node-experts", action=argparse.BooleanOptionalAction, default=True,
                    help="every worker maps every expert its node holds (no copy, no memory) and the engine "
                         "spreads each layer's experts over them by the step's work (default on)")
+    s.add_argument("--node-lead", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --share-node-experts, one worker per node computes every layer with the node's CPUs "
+                        "and its node-mates stand by, mapped, to take over at once (default on)")
     s.add_argument("--overlap", action="store_true",
                    help="split each step in two micro-batches: attention of one runs while workers run the other's experts")
     s.add_argument("--tls-cert", default=None, help="server certificate PEM: every gRPC port speaks TLS")

@@ -30,6 +30,8 @@ class ServerConfig:
     slots_per_worker: int = 0             # 0 = as many as the model has experts per layer
     replicate_hot: bool = False
     share_node_experts: bool = True       # every worker holds its node's experts (remaps): the engine balances over them
+    node_lead: bool = True                # with shared experts, one worker per node computes (with the node's CPUs),
+                                          # its node-mates stand by mapped (server/engine/exchange.py)
     prepare_timeout_s: float = 300.0
     worker_timeout_s: float = 5.0         # a worker silent this long in one exchange is lost (hung)
     redundant_experts: int = 0            # extra replicas per layer (hottest experts): a loss is a reroute

@@ -62,6 +62,13 @@ def running_server(model_dir: Path | str, workers: int = 2, **overrides) -> Iter
         server.shutdown()
 
 
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def leftover_segments(namespace: str) -> list[str]:
     return [f for f in os.listdir("/dev/shm") if f.startswith(f"emoe-{namespace}")]
 

@@ -83,6 +83,9 @@ class FusedExperts:
     def abandon(self, handle: object) -> None:
         pass
 
+    def check_standby(self) -> None:
+        pass
+
     def take_expert_counts(self) -> dict[int, np.ndarray]:
         return {}
 

@@ -13,7 +13,7 @@ import torch
 
 from memory.owners import claim_namespace, owners_path, sweep_orphans
 from memory.segments import SHM_DIR, ExpertSegment, ExpertShape, segment_name
-from tests.conftest import generate, leftover_segments, running_server
+from tests.conftest import generate, leftover_segments, running_server, wait_for
 
 SHAPE = ExpertShape(8, 16, torch.float32)
 
@@ -31,7 +31,9 @@ def test_a_dead_workers_segments_are_reclaimed_on_its_node(tiny_models, ray_loca
         assert expert_files(ns) == set(topo.segments.values())
         victim = topo.placement.workers[2]
         os.kill(topo.workers[victim].pid, signal.SIGKILL)
-        generate(server.channel, [5, 6, 7], max_tokens=4)   # the exchange finds it gone
+        # its exchange finds it gone, or, standing by for the node's lead, the engine's look at its link
+        generate(server.channel, [5, 6, 7], max_tokens=4)
+        wait_for(lambda: victim not in server.controller.topology.workers, 60, "the loss to be seen")
         assert server.failover.wait_idle(120)
         deadline = time.monotonic() + 60
         while expert_files(ns) != set(server.controller.topology.segments.values()):

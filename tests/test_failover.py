@@ -15,7 +15,7 @@ import pytest
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
 from server.control.failover import FailoverConfig
-from tests.conftest import generate, running_server
+from tests.conftest import generate, running_server, wait_for
 from tests.test_metrics import value
 
 PROMPTS = [[5, 17, 33, 8], [100, 7, 9, 11, 250, 3], list(range(40, 60)), [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -68,13 +68,6 @@ class GapTraffic:
         assert self.done > 0
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def served_equals_reported(server) -> None:
     """GetTopology is the topology the engine runs its steps on."""
     topo = pb_grpc.AdminStub(server.channel).GetTopology(pb.GetTopologyRequest(), timeout=30)
@@ -124,17 +117,20 @@ def test_sigkill_mid_stream_remaps_and_restores(tiny_models, ray_local, caplog):
         assert [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS] == expected
 
 
-def test_sigkill_with_node_shared_experts_is_a_reroute(tiny_models, ray_local):
+@pytest.mark.parametrize("victim", [0, 1], ids=["lead", "standing-by"])
+def test_sigkill_with_node_shared_experts_is_a_reroute(tiny_models, ray_local, victim):
     """The default placement on one node: every worker holds every expert (remaps of the same
     segments). A SIGKILLed worker's experts are then already held by the survivor: the failover
-    moves nothing (no remap, no disk), streams keep their tokens, the restore brings back 2."""
+    moves nothing (no remap, no disk), streams keep their tokens, the restore brings back 2.
+    The lead (worker 0, which computes) is seen lost by its exchange; the node-mate standing by
+    (no work, no exchange) by the engine's look at its link (`check_standby`)."""
     with running_server(tiny_models["qwen3_moe"], workers=2) as server:
         placement = server.controller.topology.placement
         every = tuple(range(placement.num_experts))
         assert all(placement.held_by(w)[l] == every for w in placement.workers for l in range(placement.num_layers))
         expected = [generate(server.channel, p, max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS]
         v0 = server.controller.topology.version
-        victim = placement.workers[1]
+        victim = placement.workers[victim]
         m = server.metrics
         remap_before = value(m, "elasticmoe_expert_bytes_moved_total", path="remap")
         disk_before = value(m, "elasticmoe_expert_bytes_moved_total", path="disk")

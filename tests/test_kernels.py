@@ -193,9 +193,6 @@ def test_fused_and_reference_experts_serve_the_same_tokens(tiny_models, monkeypa
             ray.shutdown()
         cluster.connect(None, num_cpus=8)
         try:
-            if env is None:   # a worker's threads follow the CPUs Ray grants it (a fraction still runs one)
-                grant = ray.remote(lambda: __import__("experts.worker.actor").worker.actor._granted_threads())
-                assert ray.get([grant.options(num_cpus=c).remote() for c in (2, 1, 0.5)]) == [2, 1, 1]
             with running_server(d, workers=2) as server:
                 for workers in (2, 3):
                     if workers == 3:

@@ -59,7 +59,7 @@ def test_ring_file_is_private_and_gone_once_mapped():
     secret, prefix = ServerSecret.generate(), f"emoe-ringtest-{os.getpid()}-"
     modes: list[int] = []
 
-    def compute(layer, x, ids, counts, weights):
+    def compute(layer, x, ids, counts, weights, team=1):
         return reference(layer, x, ids, counts, weights)
 
     server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=prefix)
@@ -98,7 +98,7 @@ def test_ring_file_is_private_and_gone_once_mapped():
 def test_worker_error_through_the_ring_keeps_it_in_step():
     secret = ServerSecret.generate()
 
-    def compute(layer, x, ids, counts, weights):
+    def compute(layer, x, ids, counts, weights, team=1):
         if layer == 1:
             raise KeyError(f"expert {ids[0]} is not held here")
         return reference(layer, x, ids, counts, weights)

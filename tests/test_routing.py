@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from experts.model.backend import WorkerLost
 from experts.placement.planner import plan_placement
-from server.engine.exchange import Routing
+from server.engine.exchange import RemoteExperts, Routing
 from experts.wire.ring import SMALL_PAIRS
 from server.engine.replicas import EXPERT_COST, SPLIT_PAIRS, assign
 
@@ -132,3 +134,76 @@ def test_the_planners_hot_replicas_route_to_every_replica() -> None:
     owner = r.owners(0, ids, top_k=2)[ids == 0]
     assert {plan.placement.workers[w] for w in owner.tolist()} == set(holders)
     assert np.bincount(owner).max() - np.bincount(owner)[np.bincount(owner) > 0].min() <= 1
+
+
+def test_with_a_lead_each_node_serves_from_its_first_holder() -> None:
+    """Node-shared experts (every worker of a node holds them all) with `lead`: one worker per node
+    serves every expert, its node-mates none; without `lead` every holder serves."""
+    every = [list(range(4))] * 2
+    nodes = ["n0", "n0", "n1", "n1"]
+    lead = Routing.build(1, ["a", "b", "c", "d"], [every] * 4, 2, 4, nodes, lead=True)
+    for layer in range(2):
+        assert lead.count[layer].tolist() == [2] * 4
+        assert lead.holders[layer].tolist() == [[0, 2]] * 4   # a for n0, c for n1
+    assert lead.node.tolist() == [0, 0, 1, 1]
+    spread = Routing.build(1, ["a", "b", "c", "d"], [every] * 4, 2, 4, nodes)
+    assert spread.count[0].tolist() == [4] * 4
+    # partitioned experts keep every worker: the first holder of each expert on a node serves it
+    part = Routing.build(1, ["a", "b"], [[[0, 1], [0, 1]], [[1, 2, 3], [2, 3]]], 2, 4, ["n0", "n0"], lead=True)
+    assert part.holders[0][:, 0].tolist() == [0, 0, 1, 1] and part.count[0].tolist() == [1, 1, 1, 1]
+
+
+class _Link:
+    """An engine-side link that answers every request with zeros and notes what it was sent."""
+
+    def __init__(self, worker_id: str, kind: str = "tcp") -> None:
+        self.worker_id = worker_id
+        self.kind = kind
+        self.last_compute_s = 0.0
+        self.sent: list[tuple[int, int]] = []   # (pairs, team)
+        self.gone = False
+
+    def send(self, layer, x, expert_ids, counts, weights, team=1) -> None:
+        self.sent.append((x.shape[0], team))
+
+    def recv_into(self, layer, out) -> None:
+        out.zero_()
+
+    def alive(self) -> bool:
+        return not self.gone
+
+    def close(self) -> None:
+        pass
+
+
+def test_every_request_counts_the_workers_of_its_node_busy_on_the_layer() -> None:
+    # w0, w1 on n0 with half the experts each; w2 on n1 with all of them
+    experts_of = [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [list(range(8))]]
+    r = Routing.build(1, ["w0", "w1", "w2"], experts_of, 1, 8, ["n0", "n0", "n1"])
+    links = {"w0": _Link("w0", "ring"), "w1": _Link("w1", "ring"), "w2": _Link("w2", "tcp")}   # n0: the engine's
+    backend = RemoteExperts(r, links, {0: 0}, 16)
+    ids = torch.tensor([[e, (e + 4) % 8] for e in range(8)] * 20)   # 160 pairs: every worker gets some
+    backend.finish(backend.start(0, torch.zeros(len(ids), 16), ids, torch.ones(len(ids), 2)))
+    assert [links[w].sent[-1][1] for w in r.workers] == [2, 2, 1]
+    # a small layer w0 takes alone (SMALL_PAIRS): the engine spins beside it, on its node
+    backend.finish(backend.start(0, torch.zeros(1, 16), torch.tensor([[0, 1]]), torch.ones(1, 2)))
+    assert links["w0"].sent[-1] == (2, 2) and len(links["w1"].sent) == 1
+    # on another node the engine does not spin beside it: w2, the one worker holding both 3 and 7
+    backend.finish(backend.start(0, torch.zeros(1, 16), torch.tensor([[3, 7]]), torch.ones(1, 2)))
+    assert links["w2"].sent[-1] == (2, 1) and len(links["w0"].sent) == 2
+
+
+def test_a_standing_by_worker_that_is_gone_is_reported() -> None:
+    """Under a lead the node-mates get no work: no exchange would ever notice one dying, so the
+    engine asks their links (`check_standby`), and only theirs."""
+    every = [list(range(4))]
+    r = Routing.build(1, ["a", "b", "c"], [every] * 3, 1, 4, ["n0"] * 3, lead=True)
+    links = {w: _Link(w) for w in r.workers}
+    backend = RemoteExperts(r, links, {0: 0}, 16)
+    assert [link.worker_id for link in backend.standby] == ["b", "c"]
+    backend.check_standby()
+    links["a"].gone = True          # the lead is watched by its exchanges, not here
+    backend.check_standby()
+    links["c"].gone = True
+    with pytest.raises(WorkerLost, match="lost expert worker c: standing by"):
+        backend.check_standby()

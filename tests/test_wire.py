@@ -38,7 +38,7 @@ def expert_weights(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]
     return (torch.randn(2 * INTER, BOUNDS.hidden, generator=g) / 8, torch.randn(BOUNDS.hidden, INTER, generator=g) / 8)
 
 
-def reference(layer, x, ids, counts, weights) -> torch.Tensor:
+def reference(layer, x, ids, counts, weights, team=1) -> torch.Tensor:
     """run_grouped over the self-naming weights, in x's dtype (float32 or bfloat16)."""
     return run_grouped(layer, x, ids, counts, weights, lambda l, e: tuple(t.to(x.dtype) for t in expert_weights(l, e)))
 
@@ -119,7 +119,7 @@ def _fake_worker(secret: ServerSecret, answer) -> tuple[tuple[str, int], threadi
             while handshake.expects():
                 conn.sendall(handshake.feed(conn.recv(handshake.expects(), socket.MSG_WAITALL)))
             head = conn.recv(REQUEST.size, socket.MSG_WAITALL)
-            _, seq, _, m, g, _ = REQUEST.unpack(head)
+            _, seq, _, m, g, _, _ = REQUEST.unpack(head)
             conn.recv(m * BOUNDS.hidden * 4 + (2 * g + m) * 4, socket.MSG_WAITALL)
             conn.sendall(answer(seq, m))
 
@@ -144,7 +144,7 @@ def test_out_of_step_reply_is_detected():
 def test_worker_error_is_reported_and_the_link_stays_in_step():
     secret = ServerSecret.generate()
 
-    def compute(layer, x, ids, counts, weights):
+    def compute(layer, x, ids, counts, weights, team=1):
         if layer == 1:
             raise KeyError(f"expert {ids[0]} is not held here")
         return reference(layer, x, ids, counts, weights)
@@ -166,7 +166,7 @@ class CountingCompute:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, layer, x, ids, counts, weights) -> torch.Tensor:
+    def __call__(self, layer, x, ids, counts, weights, team=1) -> torch.Tensor:
         self.calls += 1
         return reference(layer, x, ids, counts, weights)
 
@@ -237,16 +237,17 @@ def _vm_bytes() -> int:
 
 
 @pytest.mark.parametrize("field,value", [("pairs", 160_000_000), ("pairs", BOUNDS.max_pairs + 1), ("layer", 2),
-                                         ("groups", 9), ("dtype", 7), ("pairs", 0)])
+                                         ("groups", 9), ("dtype", 7), ("pairs", 0), ("team", 0)])
 def test_header_out_of_bounds_is_refused_before_allocation(counted_server, field, value):
-    """A proven peer's 21-byte header claiming 160M pairs (20 GB of hidden states at D=32) closes
+    """A proven peer's 22-byte header claiming 160M pairs (20 GB of hidden states at D=32) closes
     the link with nothing reserved; so does every other field out of the model's bounds."""
     server, compute, secret = counted_server
-    fields = {"layer": 0, "pairs": 4, "groups": 1, "dtype": 0} | {field: value}
+    fields = {"layer": 0, "pairs": 4, "groups": 1, "dtype": 0, "team": 1} | {field: value}
     sock = socket.create_connection(server.address)
     client_handshake(sock, secret, PURPOSE_EXCHANGE, timeout=5)
     before = _vm_bytes()
-    sock.sendall(REQUEST.pack(MAGIC, 1, fields["layer"], fields["pairs"], fields["groups"], fields["dtype"]))
+    sock.sendall(REQUEST.pack(MAGIC, 1, fields["layer"], fields["pairs"], fields["groups"], fields["dtype"],
+                              fields["team"]))
     grew = max(_vm_bytes() - before for _ in range(20) if time.sleep(0.005) is None)
     assert grew < 256 << 20, f"{grew / 2**30:.1f} GiB reserved for a header"
     assert _closed_by_peer(sock, 1.5), f"{field}={value} was accepted"
@@ -352,3 +353,29 @@ def test_groups_outside_the_model_are_refused_without_compute(counted_server, id
     good = exchange(link, 1, x, np.array([1, 2]), np.array([1, 3]), w)   # the link stays in step
     assert close(good, reference(1, x, [1, 2], [1, 3], torch.from_numpy(w)))
     link.close()
+
+
+@pytest.mark.parametrize("same_node", [True, False])
+def test_each_request_brings_its_team_to_the_workers_compute(same_node):
+    """The engine says per request how many workers of the receiver's node compute that layer at
+    once (they share the node's CPUs): the number reaches compute over the ring and over TCP."""
+    seen = []
+
+    def compute(layer, x, ids, counts, weights, team=1):
+        seen.append(team)
+        return reference(layer, x, ids, counts, weights)
+
+    secret = ServerSecret.generate()
+    server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, "emoe-wiretest-team-", FAST)
+    link = open_link("w0", server.address, secret, same_node)
+    try:
+        for team in (1, 3, 2):
+            x, ids, counts, w = pairs(team, 5, [1, 4])
+            link.send(0, x, ids, counts, w, team)
+            out = torch.empty(5, BOUNDS.hidden)
+            link.recv_into(0, out)
+            assert torch.equal(out, reference(0, x, ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+        assert seen == [1, 3, 2]
+    finally:
+        link.close()
+        server.stop()

@@ -51,6 +51,12 @@ class ExpertBackend(Protocol):
         """Drop a started layer whose output is no longer wanted; never raises."""
         ...
 
+    def check_standby(self) -> None:
+        """Raise WorkerLost for a worker that holds experts but is sent no work (a node-mate
+        standing by for its node's computing worker) once it is known gone; returns at once.
+        Serving never touches such a worker, so only this notices its loss."""
+        ...
+
     def take_expert_counts(self) -> dict[int, np.ndarray]:
         """Routed (token, expert) pairs per expert [E] of each MoE layer since the last call, and
         start counting afresh."""

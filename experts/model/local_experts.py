@@ -43,6 +43,9 @@ class LocalExperts:
     def abandon(self, handle: object) -> None:
         pass   # computed already: nothing is owed
 
+    def check_standby(self) -> None:
+        pass   # every expert is in this process: no worker stands by
+
     def take_expert_counts(self) -> dict[int, np.ndarray]:
         counts, self._counts = self._counts, {}
         return counts

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from experts.wire.auth import PURPOSE_EXCHANGE, PURPOSE_RING, ServerHandshake, ServerSecret, client_handshake
-from experts.wire.framing import (BoundedAcceptor, ConnectionLimits, nodelay, recv_exact, recv_message_start,
-                                  send_parts)
+from experts.wire.framing import (BoundedAcceptor, ConnectionLimits, nodelay, peer_closed, recv_exact,
+                                  recv_message_start, send_parts)
 from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
                                    check_request, error_text, pack_request, tensor_bytes)
 from experts.wire.ring import RingLink, serve_ring
@@ -39,9 +39,14 @@ class ExchangeLink(Protocol):
     last_compute_s: float     # the worker's own compute time for the last reply
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
-             weights: np.ndarray) -> None: ...
+             weights: np.ndarray, team: int = 1) -> None: ...
 
     def recv_into(self, layer: int, out: torch.Tensor) -> None: ...
+
+    def alive(self) -> bool:
+        """False once the worker is known gone (its link closed, its process exiting); asks
+        without waiting, for a link with no exchange owed."""
+        ...
 
     def close(self) -> None: ...
 
@@ -93,7 +98,7 @@ class DataPlaneServer:
             try:
                 ids, counts = check_groups(req, meta, self.bounds)
                 weights = torch.from_numpy(meta[2 * req.groups:].view(np.float32))
-                out = self.compute(req.layer, x, ids, counts, weights)
+                out = self.compute(req.layer, x, ids, counts, weights, req.team)
                 if out.shape != (req.pairs, hidden) or out.dtype != torch.float32:
                     raise RuntimeError(f"compute returned {out.dtype} {tuple(out.shape)}, not float32 "
                                        f"{(req.pairs, hidden)}")
@@ -130,10 +135,11 @@ class WorkerLink:
         self.last_compute_s = 0.0
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
-             weights: np.ndarray) -> None:
-        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32)."""
+             weights: np.ndarray, team: int = 1) -> None:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32); team: the
+        workers of its node computing this layer at once."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights)
+        head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights, team)
         self._owed.append(self._seq)
         try:
             send_parts(self.sock, [head, xb, memoryview(meta)])
@@ -166,6 +172,9 @@ class WorkerLink:
             raise RuntimeError(f"worker {self.worker_id}: a reply of {size} bytes on layer {layer}, "
                                f"expected {len(ob)}")
         recv_exact(self.sock, ob)
+
+    def alive(self) -> bool:
+        return not peer_closed(self.sock)
 
     def close(self) -> None:
         try:

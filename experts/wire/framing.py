@@ -14,6 +14,7 @@ acceptor that bounds what an unknown peer can cost a worker:
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import socket
 import struct
@@ -63,6 +64,16 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = N
         if received == 0:
             raise ConnectionError(f"the peer closed the connection after {got} of {n} bytes")
         got += received
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the lifeline's other end closed, without waiting (select, not a timed recv: a socket
+    with a timeout would wait that long on an empty buffer)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def recv_bytes(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:

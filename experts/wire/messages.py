@@ -21,11 +21,12 @@ from experts.wire.framing import FrameError, check_bound, frame
 
 __all__ = ["Compute", "ExchangeBounds", "Request", "WorkerLost", "check_groups", "check_request", "pack_request"]
 
-# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M]) -> float32 [M, D]
-Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor], torch.Tensor]
+# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M], team) -> float32 [M, D]
+Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor, int], torch.Tensor]
 
-MAGIC = b"EMX2"
-REQUEST = frame("4sIiiiB")    # magic, seq, MoE layer, pairs M, groups G, dtype code
+MAGIC = b"EMX3"   # 3: the request carries its team
+REQUEST = frame("4sIiiiBB")   # magic, seq, MoE layer, pairs M, groups G, dtype code, team
+MAX_TEAM = 255                # workers of one node computing one layer at once (a byte)
 REPLY = frame("4sIBQQ")       # magic, seq, status, payload bytes, worker compute ns
 OK, ERROR = 0, 1
 MAX_ERROR_BYTES = 4096        # an error message longer than this is cut
@@ -68,6 +69,7 @@ class Request:
     pairs: int
     groups: int
     dtype: torch.dtype
+    team: int = 1          # workers of this worker's node computing this layer at once, itself included
 
     def x_bytes(self, hidden: int) -> int:
         return self.pairs * hidden * self.dtype.itemsize
@@ -78,7 +80,7 @@ class Request:
 
 def check_request(head: bytes | memoryview, bounds: ExchangeBounds) -> Request:
     """Parse a request header; FrameError for anything outside `bounds`."""
-    magic, seq, layer, m, g, code = REQUEST.unpack(head)
+    magic, seq, layer, m, g, code, team = REQUEST.unpack(head)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}")
     check_bound("layer", layer, 0, bounds.num_layers - 1)
@@ -86,7 +88,8 @@ def check_request(head: bytes | memoryview, bounds: ExchangeBounds) -> Request:
     check_bound("groups", g, 1, min(bounds.num_experts, m))
     if code not in CODE_DTYPES:
         raise FrameError(f"dtype code {code!r} is not one of {sorted(CODE_DTYPES)}")
-    return Request(seq, layer, m, g, CODE_DTYPES[code])
+    check_bound("team", team, 1, MAX_TEAM)
+    return Request(seq, layer, m, g, CODE_DTYPES[code], team)
 
 
 def check_groups(req: Request, meta: np.ndarray, bounds: ExchangeBounds) -> tuple[list[int], list[int]]:
@@ -103,14 +106,15 @@ def check_groups(req: Request, meta: np.ndarray, bounds: ExchangeBounds) -> tupl
 
 
 def pack_request(seq: int, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
-                 weights: np.ndarray) -> tuple[bytes, memoryview, np.ndarray]:
-    """(header, x's bytes, meta) of one request."""
+                 weights: np.ndarray, team: int = 1) -> tuple[bytes, memoryview, np.ndarray]:
+    """(header, x's bytes, meta) of one request. `team`: how many workers of the receiver's node
+    compute this layer at once (the receiver included): they share the node's CPUs."""
     meta = np.empty(2 * len(expert_ids) + len(weights), dtype=np.int32)
     g = len(expert_ids)
     meta[:g] = expert_ids
     meta[g:2 * g] = counts
     meta[2 * g:] = weights.astype(np.float32, copy=False).view(np.int32)
-    head = REQUEST.pack(MAGIC, seq, layer, x.shape[0], g, DTYPE_CODES[x.dtype])
+    head = REQUEST.pack(MAGIC, seq, layer, x.shape[0], g, DTYPE_CODES[x.dtype], min(team, MAX_TEAM))
     return head, tensor_bytes(x), meta
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import select
 import socket
 import stat
 import time
@@ -30,7 +29,7 @@ import torch
 
 from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
 from experts.wire.doorbell import Doorbell
-from experts.wire.framing import FrameError, frame, nodelay, recv_bytes
+from experts.wire.framing import FrameError, frame, nodelay, peer_closed, recv_bytes
 from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
                                    check_request, error_text, pack_request)
 
@@ -105,16 +104,6 @@ class _Mapped:
             pass
 
 
-def _peer_closed(sock: socket.socket) -> bool:
-    """Whether the lifeline's other end closed, without waiting (select, not a timed recv: a socket
-    with a timeout would wait that long on an empty buffer)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        return True
-
-
 def _exiting(stat_fd: int) -> bool:
     """Whether the process whose /proc/<pid>/stat `stat_fd` holds is exiting or gone. The fd names
     that process, not its pid: once it is reaped the read fails, and a reused pid is never read."""
@@ -150,7 +139,7 @@ def serve_ring(conn: socket.socket, name: str, bounds: ExchangeBounds, compute: 
         while not stopping():
             if not ring.requests.wait(seq, LIFELINE_CHECK_S, spin):
                 spin = 0.0   # idle: sleep from now on
-                if _peer_closed(conn):
+                if peer_closed(conn):
                     return
                 continue
             pairs = _answer(ring, seq, bounds, compute)
@@ -175,7 +164,7 @@ def _answer(ring: _Mapped, seq: int, bounds: ExchangeBounds, compute: Compute) -
         meta = ring.buf[meta_at:meta_at + 4 * req.meta_count()].view(np.int32)
         ids, counts = check_groups(req, meta, bounds)
         weights = torch.from_numpy(meta[2 * req.groups:].view(np.float32))
-        out = compute(req.layer, x, ids, counts, weights)
+        out = compute(req.layer, x, ids, counts, weights, req.team)
         if out.shape != (req.pairs, bounds.hidden) or out.dtype != torch.float32:
             raise RuntimeError(f"compute returned {out.dtype} {tuple(out.shape)}, not float32 "
                                f"{(req.pairs, bounds.hidden)}")
@@ -244,8 +233,9 @@ class RingLink:
         self._stat_fd = fd
 
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
-             weights: np.ndarray) -> None:
-        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32)."""
+             weights: np.ndarray, team: int = 1) -> None:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32); team: the
+        workers of its node computing this layer at once."""
         ring = self.ring
         if ring is None:
             raise WorkerLost(self.worker_id, f"send on layer {layer}: the link is closed")
@@ -254,7 +244,7 @@ class RingLink:
             raise RuntimeError(f"worker {self.worker_id}: {len(self._owed)} exchanges owed on layer {layer}, "
                                f"the ring holds {layout.depth}")
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights)
+        head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights, team)
         at = layout.request_at(self._seq)
         x_end = at + HEAD_ROOM + len(xb)
         meta_at = at + HEAD_ROOM + -(-len(xb) // 8) * 8
@@ -282,7 +272,7 @@ class RingLink:
             spin = 0.0
             if self._stat_fd is not None and _exiting(self._stat_fd):
                 raise WorkerLost(self.worker_id, f"ring reply on layer {layer}: the worker's process exited")
-            if _peer_closed(self.sock):
+            if peer_closed(self.sock):
                 raise WorkerLost(self.worker_id, f"ring reply on layer {layer}: the worker closed its link")
             if time.monotonic() > deadline:
                 raise WorkerLost(self.worker_id, f"ring reply on layer {layer}: none in {self.timeout} s")
@@ -296,6 +286,11 @@ class RingLink:
             raise RuntimeError(f"worker {self.worker_id} failed on layer {layer}: {body.tobytes().decode()}")
         assert out.is_contiguous() and out.dtype == torch.float32 and size == out.numel() * 4, (size, out.shape)
         out.view(-1).copy_(torch.from_numpy(body).view(torch.float32))
+
+    def alive(self) -> bool:
+        if self.ring is None or (self._stat_fd is not None and _exiting(self._stat_fd)):
+            return False
+        return not peer_closed(self.sock)
 
     def close(self) -> None:
         try:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import os
-import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from experts.wire.dataplane import DataPlaneServer
 from experts.wire.messages import ExchangeBounds
 from experts.kernels import oplib
 from experts.kernels.moe import MoEKernel, VllmCpuMoE, run_slots, select_kernel
+from experts.kernels.threads import KernelThreads, available_cpus
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
 from memory.owners import claim_namespace
@@ -80,9 +80,10 @@ class ExpertWorker:
 
     def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, host: str,
                  node_id: str = "", capacity: int = 0, num_threads: int = 0, *, wire: WireConfig) -> None:
-        # as many threads as CPUs Ray granted this actor: processes share few cores, never oversubscribe
-        self.threads = num_threads or _granted_threads()
-        torch.set_num_threads(self.threads)
+        # its share of the node's CPUs with the workers computing the same layer (each request
+        # says how many do); `num_threads` fixes the count instead
+        self.threads = KernelThreads(available_cpus(), num_threads)
+        torch.set_num_threads(self.threads.for_team(1))
         self.worker_id = worker_id
         self.namespace = namespace
         self.model_dir = model_dir
@@ -92,16 +93,17 @@ class ExpertWorker:
         choice = select_kernel(self.spec.hidden, self.spec.expert_intermediate, self.shape.dtype)
         self.kernel: MoEKernel = choice.kernel
         self.packing = packing_of(self.kernel, self.shape.dtype)
-        log.info("worker %s: experts on %s (%s), %d threads, OMP_WAIT_POLICY=%s", worker_id, self.kernel.name,
-                 choice.reason, self.threads, os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)"))
+        log.info("worker %s: experts on %s (%s), up to %d threads (%s), OMP_WAIT_POLICY=%s", worker_id, self.kernel.name,
+                 choice.reason, self.threads.for_team(1), "fixed" if num_threads else "the CPUs it may run on, shared",
+                 os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)"))
         self.ranges = [HostSlotRange(self.pool.capacity, self.shape) for _ in self.spec.moe_layers]
-        self._compute_threads: set[int] = set()
         self.node_id = node_id or _ray_node_id()
         self.host = host
         self._by_name: dict[str, ExpertSegment] = {}
         claim_namespace(namespace)   # before any segment exists: a sweep never takes a live one's
         self._checkpoint: Checkpoint | None = None
         self._tokens = 0
+        self._layers_by_threads: Counter[int] = Counter()   # layers computed at each thread count
         self._fail_after: int | None = None   # failpoint: see inject_fault
         self.wire = wire   # the server's secret arrives here, through Ray, and goes nowhere else
         self.data = DataPlaneServer(host, ExchangeBounds.of(spec, wire.max_step_tokens), self._compute, wire.secret,
@@ -113,14 +115,11 @@ class ExpertWorker:
 
     # -- data plane -------------------------------------------------------------------------
     def _compute(self, layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int],
-                 weights: torch.Tensor) -> torch.Tensor:
-        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D], float32."""
+                 weights: torch.Tensor, team: int = 1) -> torch.Tensor:
+        """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D],
+        float32. team: the workers of this node computing this layer at once (this one included)."""
         self._tokens += x.shape[0]
-        if threading.get_ident() not in self._compute_threads:
-            # OpenMP's thread count is per calling thread: a thread Python started reads
-            # OMP_NUM_THREADS until told otherwise, and the kernel runs on this one
-            torch.set_num_threads(self.threads)
-            self._compute_threads.add(threading.get_ident())
+        self._layers_by_threads[self.threads.use(team)] += 1
         with torch.inference_mode():
             return run_slots(self.kernel, self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights)
 
@@ -252,7 +251,8 @@ class ExpertWorker:
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "tokens": self._tokens, "used_bytes": self.pool.used_bytes(),
-                "kernel": self.kernel.name, "packing": self.packing, "threads": self.threads,
+                "kernel": self.kernel.name, "packing": self.packing, "threads": self.threads.for_team(1),
+                "layers_by_threads": dict(self._layers_by_threads),
                 "slots": self.pool.snapshot(),
                 # connections its internal ports closed unproven or over their limit (experts/wire/framing.py)
                 "refused": {"data": self.data.acceptor.refused, "transfer": self.transfer.refused}}
@@ -303,17 +303,6 @@ def _serve_at_normal_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:   # not permitted without CAP_SYS_NICE: start the cluster with RAY_worker_niceness=0
         pass
-
-
-def _granted_threads() -> int:
-    """Threads for the CPUs Ray assigned this actor (a fractional grant still runs one thread);
-    1 outside Ray."""
-    import ray
-
-    if not ray.is_initialized():   # in-process (tests): asking the runtime context would start a Ray
-        return 1
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    return max(1, math.ceil(cpus - 1e-9))
 
 
 def _ray_node_id() -> str:

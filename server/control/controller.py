@@ -54,7 +54,7 @@ class Controller:
                  standby: int = 0, prepare_timeout: float = 300.0,
                  expert_load: Callable[[], list[list[float]] | None] = lambda: None,
                  replicate_hot: bool = False, worker_timeout: float = 60.0, redundant_experts: int = 0, wire: WireConfig | None = None,
-                 share_node: bool = False) -> None:
+                 share_node: bool = False, node_lead: bool = False) -> None:
         self.spec = spec
         self.model_dir = model_dir
         self.namespace = namespace
@@ -68,6 +68,7 @@ class Controller:
         self.worker_timeout = worker_timeout   # per exchange: a worker silent this long is lost
         self.redundant_experts = redundant_experts   # replicas per layer kept whatever the load (reroute on loss)
         self.share_node = share_node           # every worker holds its node's experts (experts/placement/share.py)
+        self.node_lead = share_node and node_lead   # ... and the first of them computes (server/engine/exchange.py)
         self.wire = wire or WireConfig.generate()   # the per-server secret, handed to each worker it starts
         self.target_workers = 0                # the count the operator asked for last (a loss restores it)
         self.sweepers = Sweepers(namespace)
@@ -435,7 +436,8 @@ class Controller:
     def _backend(self, topo: Topology) -> RemoteExperts:
         p = topo.placement
         routing = Routing.build(topo.version, p.workers, [p.held_by(w) for w in p.workers],
-                                len(self.spec.moe_layers), self.spec.num_experts)
+                                len(self.spec.moe_layers), self.spec.num_experts,
+                                [topo.workers[w].node_id for w in p.workers], self.node_lead)
         return RemoteExperts(routing, self._links, self.spec.moe_index, self.spec.hidden)
 
     def _release(self, plan: Plan, segments: dict[tuple[str, int, int], str], new: Topology,

@@ -30,7 +30,8 @@ def warm_up(links: Mapping[str, ExchangeLink], experts_of: Callable[[str], Seque
             for w, link in links.items():
                 held = experts_of(w)[layer]
                 if held:
-                    link.send(layer, x, np.array(held[:1], dtype=np.int32), one, weight)
+                    # as if on one node: they share its CPUs (experts/kernels/threads.py)
+                    link.send(layer, x, np.array(held[:1], dtype=np.int32), one, weight, len(links))
                     sent.append(link)
             for link in sent:
                 link.recv_into(layer, out)

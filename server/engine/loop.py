@@ -31,6 +31,9 @@ from server.engine.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
+# how often the loop asks whether a worker standing by is still there (a few syscalls each)
+STANDBY_CHECK_S = 0.1
+
 
 class IntakeClosed(Exception):
     """The server is shutting down and takes no new requests."""
@@ -70,6 +73,7 @@ class Engine:
         self.on_worker_lost: Callable[[str], None] | None = None
         self.recovery_timeout_s = 120.0
         self._lost: tuple[str, float] | None = None
+        self._standby_checked = 0.0      # when the standing-by workers were last looked at
         # always on: ~30 timed sections a step cost microseconds against steps of milliseconds,
         # and dashboards see where step time goes (elasticmoe_engine_step_phase_seconds_total)
         self.profile = StepProfile(enabled=True)
@@ -212,6 +216,7 @@ class Engine:
         torch.set_num_threads(torch.get_num_threads())
         while not self._stop.is_set():
             self._drain_inbox()
+            self._check_standby()
             if self._lost is not None and self._recovery_overdue():
                 continue
             with self.profile("schedule"):
@@ -239,6 +244,20 @@ class Engine:
                     req = self._requests.get(item.seq.seq_id)
                     if req is not None:
                         self._end(req, "error", error=f"engine step failed: {exc}")
+
+    def _check_standby(self) -> None:
+        """Every STANDBY_CHECK_S: a lost worker that stands by (sent no work, so no exchange will
+        notice) is reported like any other, but nothing is held: the workers serving go on."""
+        now = time.monotonic()
+        if self.backend is None or now - self._standby_checked < STANDBY_CHECK_S:
+            return
+        self._standby_checked = now
+        try:
+            self.backend.check_standby()
+        except WorkerLost as exc:
+            log.error("%s; serving on while the controller takes it out", exc)
+            if self.on_worker_lost is not None:
+                self.on_worker_lost(exc.worker_id)
 
     def _recovery_overdue(self) -> bool:
         """While stalled: True (skip this turn) until recovery commits or times out; on time-out

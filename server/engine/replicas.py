@@ -11,7 +11,8 @@ far (ties: worker order): a replicated expert is read once, not once per holder,
 experts spread over the workers that can run them. On one node a replica costs no memory (the
 workers map the same segment), so with every expert on every worker of the node this spreads
 each layer evenly (measured on 2 cores, 2 workers, fp32 decode: batch 8/16/32 +12/+32/+25% tok/s
-against experts split between the workers).
+against experts split between the workers). Under a node lead (server/engine/exchange.py, the
+default) the holder tables list one worker per node, so this balances across nodes only.
 
 A layer of at most SMALL_PAIRS pairs (decode at batch 1-2) goes whole to the first worker that
 holds all of its experts, if one does: such an exchange is all latency (wake-ups, not weights),

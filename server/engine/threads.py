@@ -23,6 +23,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from experts.kernels.threads import available_cpus
+
 log = logging.getLogger(__name__)
 
 
@@ -41,12 +43,6 @@ def passive_openmp() -> bool:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
     return "torch" not in sys.modules
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's or taskset's share, not
-    the machine's count)."""
-    return len(os.sched_getaffinity(0))
 
 
 RESERVED_CPUS = 1
