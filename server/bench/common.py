@@ -126,37 +126,50 @@ class StreamLog:
     error: str = ""
 
 
-def stream(channel: grpc.Channel, prompt_ids: list[int], max_tokens: int, log: StreamLog, nice: int = 0) -> StreamLog:
-    if nice:
-        # this thread only (Linux: a thread id names one thread); raising niceness needs no privilege
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    req = pb.GenerateRequest(prompt_token_ids=prompt_ids,
-                             sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    try:
-        for msg in pb_grpc.InferenceStub(channel).Generate(req, timeout=600):
-            now = time.monotonic()
-            for t in msg.token_ids:
-                log.times.append(now)
-                log.tokens.append(t)
-    except grpc.RpcError as exc:
-        log.error = f"{exc.code().name}: {exc.details()}"
-    return log
-
-
-def run_batch(channel: grpc.Channel, prompts: list[list[int]], max_tokens: int,
+def run_batch(address: str, prompts: list[list[int]], max_tokens: int,
               nice: int = 0) -> tuple[float, list[StreamLog]]:
-    """Start all streams at once; return wall seconds and their logs. `nice` > 0: the streams'
-    threads run at that niceness, so that a load generator sharing the server's cores takes the
-    CPU the server leaves idle rather than preempting its engine and workers (a client on
-    another machine costs the server nothing)."""
-    logs = [StreamLog(time.monotonic()) for _ in prompts]
-    threads = [threading.Thread(target=stream, args=(channel, p, max_tokens, log, nice)) for p, log in zip(prompts, logs)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.monotonic() - t0, logs
+    """Start all streams at once; return wall seconds and their logs. Every stream runs on one
+    asyncio loop in one thread of its own (grpc.aio): one thread wakes for a step's burst of tokens,
+    not one per stream (a thread per stream cost 3.2 vs 2.0 ms of client CPU per step at batch 32,
+    on the 2 cores the server computes on: 1066/1081 vs 1118 tok/s in an A/B). `nice` > 0: the
+    client runs at that niceness, so that a load generator sharing the server's cores takes the
+    CPU the server leaves idle rather than preempting its engine and workers (a client on another
+    machine costs the server nothing)."""
+    import asyncio
+
+    async def one(stub, prompt_ids: list[int], log: StreamLog) -> None:
+        req = pb.GenerateRequest(prompt_token_ids=prompt_ids,
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        try:
+            async for msg in stub.Generate(req, timeout=600):
+                now = time.monotonic()
+                for t in msg.token_ids:
+                    log.times.append(now)
+                    log.tokens.append(t)
+        except grpc.RpcError as exc:
+            log.error = f"{exc.code().name}: {exc.details()}"
+
+    async def main() -> tuple[float, list[StreamLog]]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            await channel.channel_ready()
+            logs = [StreamLog(time.monotonic()) for _ in prompts]
+            t0 = time.monotonic()
+            await asyncio.gather(*(one(stub, p, log) for p, log in zip(prompts, logs)))
+            return time.monotonic() - t0, logs
+
+    def client() -> None:   # a thread of its own: its niceness goes with it
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        result.append(asyncio.run(main()))
+
+    result: list[tuple[float, list[StreamLog]]] = []
+    thread = threading.Thread(target=client, name="bench-client")
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError("the benchmark's client failed (see its traceback above)")
+    return result[0]
 
 
 def write_json(path: str | None, data: object) -> None:

@@ -70,10 +70,10 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     extra = ["--max-running", str(max(batches + [PREFILL_BATCH])), "--ray-num-cpus", str(2 * cores), "--dtype", dtype,
              "--max-step-tokens", str(max(512, max(batches))), "--worker-cpus", f"{cores / workers:g}"]
     with ServerProcess(model, workers, *extra) as srv:
-        run_batch(srv.channel, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
+        run_batch(srv.address, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
             m0, c0 = srv.metrics(), _cpu_seconds(srv)
-            wall, logs = run_batch(srv.channel, _prompts(b, vocab), tokens, client_nice)
+            wall, logs = run_batch(srv.address, _prompts(b, vocab), tokens, client_nice)
             m1, c1 = srv.metrics(), _cpu_seconds(srv)
             errors = [log.error for log in logs if log.error]
             if errors:
@@ -89,7 +89,7 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
         if prefill_len:
             prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
             m0 = srv.metrics()
-            wall, logs = run_batch(srv.channel, prompts, 1, client_nice)
+            wall, logs = run_batch(srv.address, prompts, 1, client_nice)
             m1 = srv.metrics()
             n = sum(len(p) for p in prompts)
             rows.append({"system": name, "dtype": dtype, "kind": "prefill", "batch": PREFILL_BATCH, "tokens": n,
