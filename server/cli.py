@@ -127,7 +127,7 @@ def _print_topology(topo) -> None:
     print(f"topology v{topo.version}: {len(topo.workers)} workers, {topo.num_layers} MoE layers x "
           f"{topo.num_experts} experts")
     for w in topo.workers:
-        print(f"  {w.worker_id}  node {w.node_id[:12]}")
+        print(f"  {w.worker_id}  node {w.node_id[:12]}  {'computing' if w.computing else 'standing by'}")
         for layer in w.layers:
             print(f"    layer {layer.layer:3d}: experts {list(layer.experts)}")
 
@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as exc:  # the server could not start (a port taken, workers that never came up)
         print(f"elasticmoe: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:   # whoever read our stdout stopped (`elasticmoe topology | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the flush at exit would fail again
         return 1
 
 

@@ -7,6 +7,8 @@ import pytest
 import ray
 
 from experts.kernels.threads import available_cpus
+from server.api import elasticmoe_pb2 as pb
+from server.api import elasticmoe_pb2_grpc as pb_grpc
 from tests.conftest import generate, running_server
 from tests.test_parity import NEW_TOKENS, PROMPTS, hf_greedy
 
@@ -25,6 +27,8 @@ def test_the_lead_computes_alone_with_the_nodes_cpus(tiny_models, ray_local, nod
         for prompt, want in zip(PROMPTS, expected):
             assert generate(server.channel, prompt, max_tokens=NEW_TOKENS, ignore_eos=True)[0] == want
         lead, mate = server.controller.topology.placement.workers
+        topo = pb_grpc.AdminStub(server.channel).GetTopology(pb.GetTopologyRequest(), timeout=30)
+        assert {w.worker_id: w.computing for w in topo.workers} == {lead: True, mate: not node_lead}
         stats = _stats(server)
         served = {w: stats[w]["tokens"] - warm[w]["tokens"] for w in stats}
         cpus = available_cpus()

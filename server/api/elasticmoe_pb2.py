@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65lasticmoe/v1/elasticmoe.proto\x12\relasticmoe.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x80\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParams\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\x14\n\x12GetTopologyRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"Y\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x06layers\x18\x03 \x03(\x0b\x32\x1b.elasticmoe.v1.LayerExperts\"\x87\x01\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12&\n\x07workers\x18\x02 \x03(\x0b\x32\x15.elasticmoe.v1.Worker\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x19\n\x11removable_workers\x18\x05 \x03(\t\"J\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\x12\x14\n\x0coperation_id\x18\x02 \x01(\t\x12\x0f\n\x07no_wait\x18\x03 \x01(\x08\"\xc1\x02\n\rScaleResponse\x12)\n\x08topology\x18\x01 \x01(\x0b\x32\x17.elasticmoe.v1.Topology\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_remapped\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x04\x12\x45\n\rphase_seconds\x18\x06 \x03(\x0b\x32..elasticmoe.v1.ScaleResponse.PhaseSecondsEntry\x12\x15\n\rexperts_moved\x18\x07 \x01(\r\x12\x14\n\x0coperation_id\x18\x08 \x01(\t\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x10RebalanceRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0f\n\x07no_wait\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16WatchOperationsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"\x17\n\x15ListOperationsRequest\"F\n\x16ListOperationsResponse\x12,\n\noperations\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.Operation\"h\n\x0bPhaseTiming\x12,\n\x05phase\x18\x01 \x01(\x0e\x32\x1d.elasticmoe.v1.OperationPhase\x12\x1a\n\x12start_unix_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xde\x01\n\tOperation\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0etarget_workers\x18\x03 \x01(\r\x12,\n\x05phase\x18\x04 \x01(\x0e\x32\x1d.elasticmoe.v1.OperationPhase\x12*\n\x06phases\x18\x05 \x03(\x0b\x32\x1a.elasticmoe.v1.PhaseTiming\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12,\n\x06result\x18\x07 \x01(\x0b\x32\x1c.elasticmoe.v1.ScaleResponse*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\xe3\x01\n\x0eOperationPhase\x12\x1f\n\x1bOPERATION_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OPERATION_PHASE_PLANNED\x10\x01\x12\x1d\n\x19OPERATION_PHASE_PREPARING\x10\x02\x12\x1e\n\x1aOPERATION_PHASE_COMMITTING\x10\x03\x12\x1d\n\x19OPERATION_PHASE_RELEASING\x10\x04\x12\x18\n\x14OPERATION_PHASE_DONE\x10\x05\x12\x1b\n\x17OPERATION_PHASE_ABORTED\x10\x06\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x32\xe5\x03\n\x05\x41\x64min\x12I\n\x0bGetTopology\x12!.elasticmoe.v1.GetTopologyRequest\x1a\x17.elasticmoe.v1.Topology\x12\x42\n\x05Scale\x12\x1b.elasticmoe.v1.ScaleRequest\x1a\x1c.elasticmoe.v1.ScaleResponse\x12L\n\x0cGetOperation\x12\".elasticmoe.v1.GetOperationRequest\x1a\x18.elasticmoe.v1.Operation\x12T\n\x0fWatchOperations\x12%.elasticmoe.v1.WatchOperationsRequest\x1a\x18.elasticmoe.v1.Operation0\x01\x12]\n\x0eListOperations\x12$.elasticmoe.v1.ListOperationsRequest\x1a%.elasticmoe.v1.ListOperationsResponse\x12J\n\tRebalance\x12\x1f.elasticmoe.v1.RebalanceRequest\x1a\x1c.elasticmoe.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65lasticmoe/v1/elasticmoe.proto\x12\relasticmoe.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x80\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParams\"\xad\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\x14\n\x12GetTopologyRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"l\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x06layers\x18\x03 \x03(\x0b\x32\x1b.elasticmoe.v1.LayerExperts\x12\x11\n\tcomputing\x18\x04 \x01(\x08\"\x87\x01\n\x08Topology\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12&\n\x07workers\x18\x02 \x03(\x0b\x32\x15.elasticmoe.v1.Worker\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x19\n\x11removable_workers\x18\x05 \x03(\t\"J\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\r\x12\x14\n\x0coperation_id\x18\x02 \x01(\t\x12\x0f\n\x07no_wait\x18\x03 \x01(\x08\"\xc1\x02\n\rScaleResponse\x12)\n\x08topology\x18\x01 \x01(\x0b\x32\x17.elasticmoe.v1.Topology\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_remapped\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x04\x12\x45\n\rphase_seconds\x18\x06 \x03(\x0b\x32..elasticmoe.v1.ScaleResponse.PhaseSecondsEntry\x12\x15\n\rexperts_moved\x18\x07 \x01(\r\x12\x14\n\x0coperation_id\x18\x08 \x01(\t\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x10RebalanceRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0f\n\x07no_wait\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16WatchOperationsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"\x17\n\x15ListOperationsRequest\"F\n\x16ListOperationsResponse\x12,\n\noperations\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.Operation\"h\n\x0bPhaseTiming\x12,\n\x05phase\x18\x01 \x01(\x0e\x32\x1d.elasticmoe.v1.OperationPhase\x12\x1a\n\x12start_unix_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xde\x01\n\tOperation\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0etarget_workers\x18\x03 \x01(\r\x12,\n\x05phase\x18\x04 \x01(\x0e\x32\x1d.elasticmoe.v1.OperationPhase\x12*\n\x06phases\x18\x05 \x03(\x0b\x32\x1a.elasticmoe.v1.PhaseTiming\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12,\n\x06result\x18\x07 \x01(\x0b\x32\x1c.elasticmoe.v1.ScaleResponse*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\xe3\x01\n\x0eOperationPhase\x12\x1f\n\x1bOPERATION_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OPERATION_PHASE_PLANNED\x10\x01\x12\x1d\n\x19OPERATION_PHASE_PREPARING\x10\x02\x12\x1e\n\x1aOPERATION_PHASE_COMMITTING\x10\x03\x12\x1d\n\x19OPERATION_PHASE_RELEASING\x10\x04\x12\x18\n\x14OPERATION_PHASE_DONE\x10\x05\x12\x1b\n\x17OPERATION_PHASE_ABORTED\x10\x06\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x32\xe5\x03\n\x05\x41\x64min\x12I\n\x0bGetTopology\x12!.elasticmoe.v1.GetTopologyRequest\x1a\x17.elasticmoe.v1.Topology\x12\x42\n\x05Scale\x12\x1b.elasticmoe.v1.ScaleRequest\x1a\x1c.elasticmoe.v1.ScaleResponse\x12L\n\x0cGetOperation\x12\".elasticmoe.v1.GetOperationRequest\x1a\x18.elasticmoe.v1.Operation\x12T\n\x0fWatchOperations\x12%.elasticmoe.v1.WatchOperationsRequest\x1a\x18.elasticmoe.v1.Operation0\x01\x12]\n\x0eListOperations\x12$.elasticmoe.v1.ListOperationsRequest\x1a%.elasticmoe.v1.ListOperationsResponse\x12J\n\tRebalance\x12\x1f.elasticmoe.v1.RebalanceRequest\x1a\x1c.elasticmoe.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCALERESPONSE_PHASESECONDSENTRY']._loaded_options = None
   _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1787
-  _globals['_FINISHREASON']._serialized_end=1905
-  _globals['_OPERATIONPHASE']._serialized_start=1908
-  _globals['_OPERATIONPHASE']._serialized_end=2135
+  _globals['_FINISHREASON']._serialized_start=1806
+  _globals['_FINISHREASON']._serialized_end=1924
+  _globals['_OPERATIONPHASE']._serialized_start=1927
+  _globals['_OPERATIONPHASE']._serialized_end=2154
   _globals['_SAMPLINGPARAMS']._serialized_start=50
   _globals['_SAMPLINGPARAMS']._serialized_end=199
   _globals['_GENERATEREQUEST']._serialized_start=202
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYEREXPERTS']._serialized_start=530
   _globals['_LAYEREXPERTS']._serialized_end=576
   _globals['_WORKER']._serialized_start=578
-  _globals['_WORKER']._serialized_end=667
-  _globals['_TOPOLOGY']._serialized_start=670
-  _globals['_TOPOLOGY']._serialized_end=805
-  _globals['_SCALEREQUEST']._serialized_start=807
-  _globals['_SCALEREQUEST']._serialized_end=881
-  _globals['_SCALERESPONSE']._serialized_start=884
-  _globals['_SCALERESPONSE']._serialized_end=1205
-  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_start=1154
-  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_end=1205
-  _globals['_REBALANCEREQUEST']._serialized_start=1207
-  _globals['_REBALANCEREQUEST']._serialized_end=1264
-  _globals['_GETOPERATIONREQUEST']._serialized_start=1266
-  _globals['_GETOPERATIONREQUEST']._serialized_end=1309
-  _globals['_WATCHOPERATIONSREQUEST']._serialized_start=1311
-  _globals['_WATCHOPERATIONSREQUEST']._serialized_end=1357
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1359
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1382
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1384
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1454
-  _globals['_PHASETIMING']._serialized_start=1456
-  _globals['_PHASETIMING']._serialized_end=1560
-  _globals['_OPERATION']._serialized_start=1563
-  _globals['_OPERATION']._serialized_end=1785
-  _globals['_INFERENCE']._serialized_start=2137
-  _globals['_INFERENCE']._serialized_end=2227
-  _globals['_ADMIN']._serialized_start=2230
-  _globals['_ADMIN']._serialized_end=2715
+  _globals['_WORKER']._serialized_end=686
+  _globals['_TOPOLOGY']._serialized_start=689
+  _globals['_TOPOLOGY']._serialized_end=824
+  _globals['_SCALEREQUEST']._serialized_start=826
+  _globals['_SCALEREQUEST']._serialized_end=900
+  _globals['_SCALERESPONSE']._serialized_start=903
+  _globals['_SCALERESPONSE']._serialized_end=1224
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_start=1173
+  _globals['_SCALERESPONSE_PHASESECONDSENTRY']._serialized_end=1224
+  _globals['_REBALANCEREQUEST']._serialized_start=1226
+  _globals['_REBALANCEREQUEST']._serialized_end=1283
+  _globals['_GETOPERATIONREQUEST']._serialized_start=1285
+  _globals['_GETOPERATIONREQUEST']._serialized_end=1328
+  _globals['_WATCHOPERATIONSREQUEST']._serialized_start=1330
+  _globals['_WATCHOPERATIONSREQUEST']._serialized_end=1376
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1378
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1401
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1403
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1473
+  _globals['_PHASETIMING']._serialized_start=1475
+  _globals['_PHASETIMING']._serialized_end=1579
+  _globals['_OPERATION']._serialized_start=1582
+  _globals['_OPERATION']._serialized_end=1804
+  _globals['_INFERENCE']._serialized_start=2156
+  _globals['_INFERENCE']._serialized_end=2246
+  _globals['_ADMIN']._serialized_start=2249
+  _globals['_ADMIN']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

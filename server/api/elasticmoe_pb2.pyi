@@ -94,14 +94,16 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("worker_id", "node_id", "layers")
+    __slots__ = ("worker_id", "node_id", "layers", "computing")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...
+    computing: bool
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., computing: _Optional[bool] = ...) -> None: ...
 
 class Topology(_message.Message):
     __slots__ = ("version", "workers", "num_layers", "num_experts", "removable_workers")

@@ -180,6 +180,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         topo = topo or c.topology
         msg = topology_to_proto(topo, c.spec.moe_layers, c.spec.num_experts)
         msg.removable_workers.extend(c.removable(topo))
+        if topo is not None:
+            computing = c.computing(topo)
+            for w in msg.workers:
+                w.computing = w.worker_id in computing
         return msg
 
     def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.Topology:

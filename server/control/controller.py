@@ -433,12 +433,19 @@ class Controller:
             counts["disk" if m.src is None else "remap" if m.same_node else "peer"] += 1
         return counts
 
-    def _backend(self, topo: Topology) -> RemoteExperts:
+    def _routing(self, topo: Topology) -> Routing:
         p = topo.placement
-        routing = Routing.build(topo.version, p.workers, [p.held_by(w) for w in p.workers],
-                                len(self.spec.moe_layers), self.spec.num_experts,
-                                [topo.workers[w].node_id for w in p.workers], self.node_lead)
-        return RemoteExperts(routing, self._links, self.spec.moe_index, self.spec.hidden)
+        return Routing.build(topo.version, p.workers, [p.held_by(w) for w in p.workers],
+                             len(self.spec.moe_layers), self.spec.num_experts,
+                             [topo.workers[w].node_id for w in p.workers], self.node_lead)
+
+    def computing(self, topo: Topology) -> set[str]:
+        """The workers of `topo` the engine sends work to (the others stand by for a node-mate)."""
+        routing = self._routing(topo)
+        return {routing.workers[i] for i in routing.serving()}
+
+    def _backend(self, topo: Topology) -> RemoteExperts:
+        return RemoteExperts(self._routing(topo), self._links, self.spec.moe_index, self.spec.hidden)
 
     def _release(self, plan: Plan, segments: dict[tuple[str, int, int], str], new: Topology,
                  leaving: list[str]) -> None:

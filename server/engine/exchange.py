@@ -67,6 +67,14 @@ class Routing:
             count.append(torch.tensor([len(h) for h in lists], dtype=torch.long))
         return Routing(version, tuple(workers), tuple(holders), tuple(count), node)
 
+    def serving(self) -> set[int]:
+        """The workers (indices into `workers`) some expert's pairs can go to."""
+        served: set[int] = set()
+        for table, count in zip(self.holders, self.count):
+            for e in range(table.shape[0]):
+                served.update(table[e, :count[e]].tolist())
+        return served
+
     def owners(self, layer: int, ids: np.ndarray, top_k: int, routed: np.ndarray | None = None) -> np.ndarray:
         """ids [T*A] experts of MoE layer ``layer`` chosen per pair, token-major -> [T*A] index into
         ``workers`` of the holder each pair goes to, the layer's work balanced over the replicas
@@ -86,10 +94,7 @@ class RemoteExperts:
         self.links = [links[w] for w in routing.workers]
         # 1 for a worker on the engine's node (its ring): the engine spins there through a small exchange
         self._beside_engine = np.array([link.kind == "ring" for link in self.links], dtype=np.int64)
-        served = set()
-        for table, count in zip(routing.holders, routing.count):
-            for e in range(table.shape[0]):
-                served.update(table[e, :count[e]].tolist())
+        served = routing.serving()
         # held experts, sent no work: node-mates standing by for their node's lead
         self.standby = [self.links[w] for w in range(len(self.links)) if w not in served]
         self.moe_index = dict(moe_index)
