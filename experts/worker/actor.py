@@ -80,8 +80,8 @@ class ExpertWorker:
 
     def __init__(self, worker_id: str, namespace: str, model_dir: str, spec: ModelSpec, host: str,
                  node_id: str = "", capacity: int = 0, num_threads: int = 0, *, wire: WireConfig) -> None:
-        # its share of the node's CPUs with the workers computing the same layer (each request
-        # says how many do); `num_threads` fixes the count instead
+        # its share of the node's CPUs with the processes busy on the same layer (each request
+        # says how many are); `num_threads` fixes the count instead
         self.threads = KernelThreads(available_cpus(), num_threads)
         torch.set_num_threads(self.threads.for_team(1))
         self.worker_id = worker_id
@@ -117,7 +117,8 @@ class ExpertWorker:
     def _compute(self, layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int],
                  weights: torch.Tensor, team: int = 1) -> torch.Tensor:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D],
-        float32. team: the workers of this node computing this layer at once (this one included)."""
+        float32. team: the processes of this node busy with this layer (this worker included, and
+        the engine when it spins through a small exchange): they share the node's CPUs."""
         self._tokens += x.shape[0]
         self._layers_by_threads[self.threads.use(team)] += 1
         with torch.inference_mode():
