@@ -217,6 +217,10 @@ class ServerMetrics:
         self._workers = Gauge(
             "elasticmoe_expert_workers", "Expert workers in the committed topology.", registry=r
         )
+        self._computing = Gauge(
+            "elasticmoe_expert_workers_computing", "Expert workers the engine sends work to; the others "
+            "stand by, mapped, for their node's computing worker (--node-lead).", registry=r
+        )
         self._topology_version = Gauge(
             "elasticmoe_topology_version", "Version of the committed topology; it only grows.", registry=r
         )
@@ -339,6 +343,10 @@ class ServerMetrics:
     def workers(self, n: int) -> None:
         _check_count("n", n)
         self._workers.set(n)
+
+    def computing_workers(self, n: int) -> None:
+        _check_count("n", n)
+        self._computing.set(n)
 
     def topology_version(self, v: int) -> None:
         _check_count("v", v)

@@ -85,7 +85,7 @@ def value(metrics: ServerMetrics, name: str, **labels: str) -> float:
 
 # Every public verb of ServerMetrics, called once by `exercised()`; a new verb must be added here
 # (test_exercised_calls_every_verb), so a family registered only when it is called is checked too.
-VERBS = {"request_finished", "inter_token", "tokens", "queue", "kv_cache_usage", "workers", "topology_version",
+VERBS = {"request_finished", "inter_token", "tokens", "queue", "kv_cache_usage", "workers", "computing_workers", "topology_version",
          "scale_event", "bytes_moved", "expert_tokens", "expert_load_imbalance", "autoscaler_target",
          "worker_lost", "failover", "failover_failed", "degraded", "watch_engine_phases",
          "watch_worker_connections",
@@ -101,6 +101,7 @@ def exercised() -> ServerMetrics:
     m.queue(running=2, waiting=5)
     m.kv_cache_usage(0.25)
     m.workers(3)
+    m.computing_workers(1)
     m.topology_version(4)
     m.scale_event("up", "committed", duration_s=2.0)
     m.bytes_moved("remap", 4096)
@@ -235,6 +236,7 @@ def test_servers_in_one_process_do_not_share_metrics() -> None:
         lambda m: m.kv_cache_usage(1.5),
         lambda m: m.kv_cache_usage(float("nan")),
         lambda m: m.workers(-2),
+        lambda m: m.computing_workers(-1),
         lambda m: m.topology_version(-1),
         lambda m: m.scale_event("sideways", "committed"),
         lambda m: m.scale_event("up", "done"),

@@ -29,6 +29,8 @@ def test_the_lead_computes_alone_with_the_nodes_cpus(tiny_models, ray_local, nod
         lead, mate = server.controller.topology.placement.workers
         topo = pb_grpc.AdminStub(server.channel).GetTopology(pb.GetTopologyRequest(), timeout=30)
         assert {w.worker_id: w.computing for w in topo.workers} == {lead: True, mate: not node_lead}
+        computing = server.metrics.registry.get_sample_value("elasticmoe_expert_workers_computing")
+        assert computing == (1 if node_lead else 2)
         stats = _stats(server)
         served = {w: stats[w]["tokens"] - warm[w]["tokens"] for w in stats}
         cpus = available_cpus()
