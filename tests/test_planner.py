@@ -423,3 +423,19 @@ def test_node_sharing_gives_each_worker_its_nodes_experts_and_remaps_only():
     assert a == b and a | c == set(range(8)) and not a & c
     assert share_on_nodes([[0, 1], [2, 3]], ["n", "n"], 3) == [[0, 1], [2, 3]]     # 4 experts, 3 slots
     assert share_on_nodes([[0, 1], [2, 3]], ["n", "n"], 4) == [[0, 1, 2, 3]] * 2
+
+
+def test_prepare_remaps_what_a_node_mate_reads_from_disk_only_after_that_read() -> None:
+    """server/control/receive.py's stages: disk reads and moves from existing segments first; a
+    remap of a segment this same change creates waits for the second stage."""
+    from server.control.receive import stages
+
+    plan = plan_placement(None, ["a", "b"], {"a": "n0", "b": "n0"}, 2, 8, 8, share_node=True)
+    now, after = stages(plan, {})
+    assert {m.src for m in now} == {None} and len(now) == 16
+    assert len(after) == 16 and all(m.same_node and m.src in ("a", "b") for m in after)
+    grown = plan_placement(plan.placement, ["a", "b", "c"], {"a": "n0", "b": "n0", "c": "n0"}, 2, 8, 8,
+                           share_node=True)
+    held = {(w, l, e): f"seg-{w}-{l}-{e}" for w in "ab" for l in range(2) for e in range(8)}
+    now, after = stages(grown, held)
+    assert len(now) == len(grown.moves) and not after   # every source exists already

@@ -26,11 +26,12 @@ from experts.wire.ring import RingLink
 from experts.placement.planner import Placement, Plan, plan_placement
 from experts.model.dtypes import TORCH_DTYPES
 from experts.model.spec import ModelSpec
-from experts.worker.actor import Incoming, ReceiveResult, WorkerInfo
+from experts.worker.actor import ReceiveResult, WorkerInfo
 from server.control import cluster
 from server.control.cluster import WorkerResources
 from server.engine.exchange import RemoteExperts, Routing
 from server.control.failover import reroute, sources_without
+from server.control.receive import receive_all
 from server.control.sweeper import Sweepers
 from server.control.warmup import warm_up
 from server.control.topology import ChangeReport, ScaleRejected, Topology
@@ -355,37 +356,8 @@ class Controller:
 
     def _prepare(self, plan: Plan, old: Topology | None, infos: dict[str, WorkerInfo], handles: dict,
                  joining: list[_Live]) -> list[ReceiveResult]:
-        # first every move from a live copy or the disk; then the remaps of what a node-mate has
-        # just read from disk in this change (the planner reads each expert once per node)
-        now: list = []
-        after: list = []
-        for m in plan.moves:
-            (after if m.src is not None and (old is None or (m.src, m.layer, m.expert) not in old.segments)
-             else now).append(m)
-        results: list[ReceiveResult] = []
-        failure: Exception | None = None
-        segments = dict(old.segments) if old else {}
-        for stage in (now, after):
-            if failure is not None or not stage:
-                continue
-            by_dst: dict[str, list[Incoming]] = {}
-            for m in stage:
-                if m.src is None:
-                    item = Incoming(m.layer, m.expert, "disk")
-                else:
-                    name = segments[(m.src, m.layer, m.expert)]
-                    path = "remap" if m.same_node else "peer"
-                    item = Incoming(m.layer, m.expert, path, name, infos[m.src].transfer_address)
-                by_dst.setdefault(m.dst, []).append(item)
-            refs = {w: handles[w].receive.remote(items) for w, items in by_dst.items()}
-            for w, ref in refs.items():
-                try:
-                    res = ray.get(ref, timeout=self.prepare_timeout)
-                except Exception as exc:  # a dead worker, a failed transfer, a timeout
-                    failure = failure or RuntimeError(f"prepare failed on worker {w}: {exc}")
-                    continue
-                results.append(res)
-                segments.update({(res.worker_id, l, e): n for (l, e), n in res.segments.items()})
+        # moves from a live copy or the disk first, then remaps of what a node-mate just read
+        results, failure = receive_all(plan, old.segments if old else {}, infos, handles, self.prepare_timeout)
         if failure is None:
             try:
                 # a worker on the engine's node gets a shared-memory ring, others TCP
