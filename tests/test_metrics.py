@@ -1,4 +1,4 @@
-"""server/metrics.py: the exported names, types and labels are CONTRACT.md's plus the additions the
+"""server/metrics/: the exported names, types and labels are CONTRACT.md's plus the additions the
 README documents, and nothing else: checked with every verb of ServerMetrics called (so every
 lazily registered family exists) and on a real server after a request."""
 

@@ -21,7 +21,7 @@ class StalledReader(Exception):
 @dataclass(frozen=True)
 class WriteDeadline:
     seconds: float                  # --stream-write-timeout
-    on_stall: Callable[[], None]    # counts the stall (server/metrics.py's stream_write_timeout)
+    on_stall: Callable[[], None]    # counts the stall (server/metrics/'s stream_write_timeout)
 
     def __post_init__(self) -> None:
         if not 0 < self.seconds < float("inf"):

@@ -33,7 +33,7 @@ class Request:
 
 
 class EngineObserver:
-    """What the engine reports as it runs; server/metrics.py and the autoscaler listen."""
+    """What the engine reports as it runs; server/metrics/ and the autoscaler listen."""
 
     def on_first_token(self, ttft_s: float) -> None: ...
     def on_token_gap(self, seconds: float) -> None: ...

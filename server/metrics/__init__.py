@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: the only module that knows Prometheus.
+"""Prometheus metrics of one server: the only package that knows Prometheus (the families
+computed at scrape time are in `collectors.py`).
 
 Every name, type and label here is public (CONTRACT.md): dashboards and alert rules in `deploy/`
 are written against them, so rename nothing. Each `ServerMetrics` owns its own
@@ -14,18 +15,18 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from wsgiref.simple_server import WSGIServer
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily
+
+from server.metrics.collectors import (ExpertTokens, RefusedConnections, StepPhases, check_count, check_label,
+                                       check_seconds)
 
 REQUEST_STATUSES = ("ok", "invalid", "rejected", "cancelled", "error")
 SCALE_DIRECTIONS = ("up", "down", "rebalance")
 SCALE_OUTCOMES = ("committed", "aborted")
 MOVE_PATHS = ("remap", "peer", "disk")
-LISTENERS = ("data", "transfer")   # a worker's internal ports: the data plane, the peer transfer
 STREAM_APIS = ("grpc", "http")
 
 # Bucket bounds in seconds. Alert thresholds in deploy/prometheus/rules.yml sit on bounds
@@ -37,138 +38,6 @@ INTER_TOKEN_BUCKETS = (
     0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5,
 )  # fmt: skip
 SCALE_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
-
-
-def _check_label(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name}={value!r} must be an integer >= 0")
-
-
-def _check_seconds(name: str, value: float) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a finite number of seconds >= 0")
-
-
-class _ExpertTokens:
-    """`elasticmoe_expert_tokens_total{layer, expert}`, accumulated in one int64 array per layer.
-
-    The engine reports every MoE layer on every step, so adding must cost far less than a step:
-    a vectorised add is ~2-4 us per layer where one prometheus_client child `inc()` per expert
-    is ~45 us per layer of 128 experts (over 2 ms a step for 48 layers). Labels are built only
-    when Prometheus scrapes.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # the engine adds while the HTTP thread scrapes
-        self._by_layer: dict[int, np.ndarray] = {}  # layer -> [E] tokens routed so far
-
-    def add(self, layer: int, counts: Sequence[int]) -> None:
-        _check_count("layer", layer)
-        # np.asarray takes lists, numpy arrays and CPU torch tensors without a Python loop.
-        step = np.asarray(counts)
-        if step.ndim != 1:
-            raise ValueError(f"expert counts of layer {layer} must be a flat sequence, got {counts!r}")
-        if step.size == 0:
-            return
-        if step.dtype.kind not in "iu":
-            raise ValueError(f"expert counts of layer {layer} must be ints, got {counts!r}")
-        if step.min() < 0:
-            raise ValueError(f"expert counts of layer {layer} must be >= 0, got {counts!r}")
-        with self._lock:
-            total = self._by_layer.get(layer)
-            if total is None or total.size < step.size:
-                # A layer appears with all its experts at 0, so the heatmap shows idle experts.
-                grown = np.zeros(step.size, dtype=np.int64)
-                if total is not None:
-                    grown[: total.size] = total
-                self._by_layer[layer] = total = grown
-            total[: step.size] += step
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield self._family()  # names only, so the registry can refuse a clash
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        with self._lock:
-            snapshot = [(layer, total.tolist()) for layer, total in sorted(self._by_layer.items())]
-        family = self._family()
-        for layer, totals in snapshot:
-            for expert, total in enumerate(totals):
-                family.add_metric((str(layer), str(expert)), total)
-        yield family
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "elasticmoe_expert_tokens",
-            "Tokens the router sent to each logical expert (layer, expert); a token choosing "
-            "k experts counts once for each.",
-            labels=("layer", "expert"),
-        )
-
-
-class _StepPhases:
-    """`elasticmoe_engine_step_phase_seconds_total{phase}` and `elasticmoe_engine_steps_total`:
-    where engine steps spend their time, read from the engine's profile when Prometheus scrapes."""
-
-    def __init__(self, source: Callable[[], tuple[dict[str, float], int]]) -> None:
-        self._source = source
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield from self._families()
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        totals, steps = self._source()
-        phases, count = self._families()
-        for phase, seconds in sorted(totals.items()):
-            phases.add_metric((phase,), seconds)
-        count.add_metric((), steps)
-        yield phases
-        yield count
-
-    @staticmethod
-    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
-        return (CounterMetricFamily("elasticmoe_engine_step_phase_seconds",
-                                    "Wall-clock seconds engine steps spent in each phase (attention, router, "
-                                    "experts = routing + exchange + workers, expert_ffn_on_worker = the slowest "
-                                    "worker's compute, lm_head, inputs, sample_and_stream, schedule).",
-                                    labels=("phase",)),
-                CounterMetricFamily("elasticmoe_engine_steps", "Engine steps run."))
-
-
-class _RefusedConnections:
-    """`elasticmoe_internal_connections_refused_total{worker, listener}`: connections a worker's
-    internal ports closed unproven (no proof of the server's secret, a handshake past its timeout)
-    or over their limit (experts/wire/framing.py), read from the workers' `stats` when Prometheus
-    scrapes. A worker that is gone takes its series with it (its id is never reused)."""
-
-    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
-        self._source = source
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield self._family()
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = self._family()
-        for (worker, listener), count in sorted(self._source().items()):
-            _check_label("listener", listener, LISTENERS)
-            _check_count("count", count)
-            family.add_metric((worker, listener), count)
-        yield family
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "elasticmoe_internal_connections_refused",
-            "Connections a worker's internal port (listener: data = the exchange, transfer = peer "
-            "copies) closed without serving them: the peer did not prove it holds the server's "
-            "secret, or the port was at its connection limit.",
-            labels=("worker", "listener"),
-        )
 
 
 class ServerMetrics:
@@ -244,7 +113,7 @@ class ServerMetrics:
             ["path"],
             registry=r,
         )
-        self._expert_tokens = _ExpertTokens()
+        self._expert_tokens = ExpertTokens()
         r.register(self._expert_tokens)
         self._load_imbalance = Gauge(
             "elasticmoe_expert_load_imbalance",
@@ -299,11 +168,11 @@ class ServerMetrics:
 
     def request_finished(self, status: str, duration_s: float | None = None, ttft_s: float | None = None) -> None:
         """Count one finished request; observe its duration and time to first token when given."""
-        _check_label("status", status, REQUEST_STATUSES)
+        check_label("status", status, REQUEST_STATUSES)
         if duration_s is not None:
-            _check_seconds("duration_s", duration_s)
+            check_seconds("duration_s", duration_s)
         if ttft_s is not None:
-            _check_seconds("ttft_s", ttft_s)
+            check_seconds("ttft_s", ttft_s)
         self._requests.labels(status=status).inc()
         if duration_s is not None:
             self._request_duration.observe(duration_s)
@@ -311,26 +180,26 @@ class ServerMetrics:
             self._ttft.observe(ttft_s)
 
     def inter_token(self, seconds: float) -> None:
-        _check_seconds("seconds", seconds)
+        check_seconds("seconds", seconds)
         self._inter_token.observe(seconds)
 
     def tokens(self, prompt: int = 0, generated: int = 0) -> None:
-        _check_count("prompt", prompt)
-        _check_count("generated", generated)
+        check_count("prompt", prompt)
+        check_count("generated", generated)
         if prompt:
             self._prompt_tokens.inc(prompt)
         if generated:
             self._generated_tokens.inc(generated)
 
     def queue(self, running: int, waiting: int) -> None:
-        _check_count("running", running)
-        _check_count("waiting", waiting)
+        check_count("running", running)
+        check_count("waiting", waiting)
         self._running.set(running)
         self._waiting.set(waiting)
 
     def stream_write_timeout(self, api: str) -> None:
         """Count one stream ended because its client read nothing for the write deadline."""
-        _check_label("api", api, STREAM_APIS)
+        check_label("api", api, STREAM_APIS)
         self._stream_write_timeouts.labels(api=api).inc()
 
     def kv_cache_usage(self, ratio: float) -> None:
@@ -341,23 +210,23 @@ class ServerMetrics:
     # -- topology ------------------------------------------------------------------------------
 
     def workers(self, n: int) -> None:
-        _check_count("n", n)
+        check_count("n", n)
         self._workers.set(n)
 
     def computing_workers(self, n: int) -> None:
-        _check_count("n", n)
+        check_count("n", n)
         self._computing.set(n)
 
     def topology_version(self, v: int) -> None:
-        _check_count("v", v)
+        check_count("v", v)
         self._topology_version.set(v)
 
     def scale_event(self, direction: str, outcome: str, duration_s: float | None = None) -> None:
         """Count one change of topology that ended; observe its duration when given."""
-        _check_label("direction", direction, SCALE_DIRECTIONS)
-        _check_label("outcome", outcome, SCALE_OUTCOMES)
+        check_label("direction", direction, SCALE_DIRECTIONS)
+        check_label("outcome", outcome, SCALE_OUTCOMES)
         if duration_s is not None:
-            _check_seconds("duration_s", duration_s)
+            check_seconds("duration_s", duration_s)
         self._scale_events.labels(direction=direction, outcome=outcome).inc()
         if duration_s is not None:
             self._scale_duration.labels(direction=direction).observe(duration_s)
@@ -366,7 +235,7 @@ class ServerMetrics:
         self._worker_losses.inc()
 
     def failover(self, seconds: float) -> None:
-        _check_seconds("seconds", seconds)
+        check_seconds("seconds", seconds)
         self._failover.observe(seconds)
 
     def failover_failed(self) -> None:
@@ -376,8 +245,8 @@ class ServerMetrics:
         self._degraded.set(1 if on else 0)
 
     def bytes_moved(self, path: str, nbytes: int) -> None:
-        _check_label("path", path, MOVE_PATHS)
-        _check_count("nbytes", nbytes)
+        check_label("path", path, MOVE_PATHS)
+        check_count("nbytes", nbytes)
         self._bytes_moved.labels(path=path).inc(nbytes)
 
     def expert_tokens(self, layer: int, counts: Sequence[int]) -> None:
@@ -394,17 +263,17 @@ class ServerMetrics:
         self._load_imbalance.set(ratio)
 
     def autoscaler_target(self, n: int) -> None:
-        _check_count("n", n)
+        check_count("n", n)
         self._autoscaler_target.set(n)
 
     def watch_engine_phases(self, source: Callable[[], tuple[dict[str, float], int]]) -> None:
         """Export the engine's per-phase step time; `source()` -> (seconds by phase, steps)."""
-        self.registry.register(_StepPhases(source))
+        self.registry.register(StepPhases(source))
 
     def watch_worker_connections(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
         """Export the connections workers' internal ports refused; `source()` -> {(worker,
         listener): refused so far}, called at every scrape (the controller asks the workers)."""
-        self.registry.register(_RefusedConnections(source))
+        self.registry.register(RefusedConnections(source))
 
     # -- exposition ----------------------------------------------------------------------------
 
