@@ -252,7 +252,7 @@ class Server:
         self.engine.commit(backend, backend.routing.version)
         self.metrics.topology_version(backend.routing.version)
         self.metrics.workers(len(backend.routing.workers))
-        self.metrics.computing_workers(len(backend.routing.serving()))
+        self.metrics.computing_workers(len(backend.routing.serving))
 
     def _expert_load(self) -> list[list[float]] | None:
         load = self.engine.expert_load

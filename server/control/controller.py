@@ -414,7 +414,7 @@ class Controller:
     def computing(self, topo: Topology) -> set[str]:
         """The workers of `topo` the engine sends work to (the others stand by for a node-mate)."""
         routing = self._routing(topo)
-        return {routing.workers[i] for i in routing.serving()}
+        return {routing.workers[i] for i in routing.serving}
 
     def _backend(self, topo: Topology) -> RemoteExperts:
         return RemoteExperts(self._routing(topo), self._links, self.spec.moe_index, self.spec.hidden)

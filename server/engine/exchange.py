@@ -40,6 +40,7 @@ class Routing:
     holders: tuple[torch.Tensor, ...]   # [L] of [E, R] long
     count: tuple[torch.Tensor, ...]     # [L] of [E] long
     node: np.ndarray                    # [W] the node (an index) each worker runs on
+    serving: frozenset[int]             # the workers some expert's pairs can go to (the rest stand by)
 
     @staticmethod
     def build(version: int, workers: Sequence[str], experts_of: Sequence[Sequence[Sequence[int]]],
@@ -52,6 +53,7 @@ class Routing:
             raise ValueError(f"topology v{version}: {len(node_ids)} nodes for {len(workers)} workers")
         node = np.unique(node_ids, return_inverse=True)[1].astype(np.int64)
         holders, count = [], []
+        serving: set[int] = set()
         for layer in range(num_layers):
             lists: list[list[int]] = [[] for _ in range(num_experts)]
             for w, per_layer in enumerate(experts_of):
@@ -59,6 +61,7 @@ class Routing:
                     if lead and any(node[h] == node[w] for h in lists[e]):
                         continue   # a node-mate earlier in worker order serves it
                     lists[e].append(w)
+            serving.update(w for h in lists for w in h)
             missing = [e for e, h in enumerate(lists) if not h]
             if missing:
                 raise ValueError(f"topology v{version}: layer {layer} experts {missing} have no holder")
@@ -66,15 +69,7 @@ class Routing:
             table = torch.tensor([h + [h[0]] * (width - len(h)) for h in lists], dtype=torch.long)
             holders.append(table)
             count.append(torch.tensor([len(h) for h in lists], dtype=torch.long))
-        return Routing(version, tuple(workers), tuple(holders), tuple(count), node)
-
-    def serving(self) -> set[int]:
-        """The workers (indices into `workers`) some expert's pairs can go to."""
-        served: set[int] = set()
-        for table, count in zip(self.holders, self.count):
-            for e in range(table.shape[0]):
-                served.update(table[e, :count[e]].tolist())
-        return served
+        return Routing(version, tuple(workers), tuple(holders), tuple(count), node, frozenset(serving))
 
     def owners(self, layer: int, ids: np.ndarray, top_k: int, routed: np.ndarray | None = None) -> np.ndarray:
         """ids [T*A] experts of MoE layer ``layer`` chosen per pair, token-major -> [T*A] index into
@@ -95,9 +90,8 @@ class RemoteExperts:
         self.links = [links[w] for w in routing.workers]
         # 1 for a worker on the engine's node (its ring): the engine spins there through a small exchange
         self._beside_engine = np.array([link.kind == "ring" for link in self.links], dtype=np.int64)
-        served = routing.serving()
         # held experts, sent no work: node-mates standing by for their node's lead
-        self.standby = [self.links[w] for w in range(len(self.links)) if w not in served]
+        self.standby = [self.links[w] for w in range(len(self.links)) if w not in routing.serving]
         self.moe_index = dict(moe_index)
         self.hidden = hidden
         self.expert_counts: dict[int, np.ndarray] = {}     # MoE layer -> routed pairs per expert, this step
@@ -134,7 +128,7 @@ class RemoteExperts:
         busy = group_owner[owner_starts]
         busy_node = self.routing.node[busy]
         team = np.bincount(busy_node)[busy_node]   # busy workers on each one's node
-        owner_pairs = np.diff(np.append(np.asarray(pair_starts)[owner_starts], len(sorted_key)))
+        owner_pairs = np.diff(np.append(starts[owner_starts], len(sorted_key)))
         team = (team + self._beside_engine[busy] * (owner_pairs <= SMALL_PAIRS)).tolist()
         owner_starts = owner_starts.tolist()
         sent = []
