@@ -137,7 +137,7 @@ class WorkerLink:
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
              weights: np.ndarray, team: int = 1) -> None:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32); team: the
-        workers of its node computing this layer at once."""
+        processes of its node busy with this layer (experts/kernels/threads.py)."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights, team)
         self._owed.append(self._seq)

@@ -67,7 +67,7 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = N
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """Whether the lifeline's other end closed, without waiting (select, not a timed recv: a socket
+    """Whether `sock`'s other end closed (a ring's lifeline, an idle TCP link), without waiting (select, not a timed recv: a socket
     with a timeout would wait that long on an empty buffer)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)

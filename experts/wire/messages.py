@@ -26,7 +26,7 @@ Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor, int],
 
 MAGIC = b"EMX3"   # 3: the request carries its team
 REQUEST = frame("4sIiiiBB")   # magic, seq, MoE layer, pairs M, groups G, dtype code, team
-MAX_TEAM = 255                # workers of one node computing one layer at once (a byte)
+MAX_TEAM = 255                # processes of one node busy with one layer at once (a byte)
 REPLY = frame("4sIBQQ")       # magic, seq, status, payload bytes, worker compute ns
 OK, ERROR = 0, 1
 MAX_ERROR_BYTES = 4096        # an error message longer than this is cut
@@ -69,7 +69,7 @@ class Request:
     pairs: int
     groups: int
     dtype: torch.dtype
-    team: int = 1          # workers of this worker's node computing this layer at once, itself included
+    team: int = 1          # processes of the receiver's node busy with this layer, the receiver included
 
     def x_bytes(self, hidden: int) -> int:
         return self.pairs * hidden * self.dtype.itemsize
@@ -107,8 +107,8 @@ def check_groups(req: Request, meta: np.ndarray, bounds: ExchangeBounds) -> tupl
 
 def pack_request(seq: int, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
                  weights: np.ndarray, team: int = 1) -> tuple[bytes, memoryview, np.ndarray]:
-    """(header, x's bytes, meta) of one request. `team`: how many workers of the receiver's node
-    compute this layer at once (the receiver included): they share the node's CPUs."""
+    """(header, x's bytes, meta) of one request. `team`: how many processes of the receiver's node
+    are busy with this layer (the receiver included): they share the node's CPUs."""
     meta = np.empty(2 * len(expert_ids) + len(weights), dtype=np.int32)
     g = len(expert_ids)
     meta[:g] = expert_ids

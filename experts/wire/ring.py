@@ -235,7 +235,7 @@ class RingLink:
     def send(self, layer: int, x: torch.Tensor, expert_ids: np.ndarray, counts: np.ndarray,
              weights: np.ndarray, team: int = 1) -> None:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32); team: the
-        workers of its node computing this layer at once."""
+        processes of its node busy with this layer (experts/kernels/threads.py)."""
         ring = self.ring
         if ring is None:
             raise WorkerLost(self.worker_id, f"send on layer {layer}: the link is closed")
