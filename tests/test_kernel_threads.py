@@ -22,12 +22,26 @@ def test_use_sets_the_calling_threads_count_and_a_fixed_count_wins():
         assert cpus.use(2) == 2 and torch.get_num_threads() == 2
         assert cpus.use(3) == 1 and torch.get_num_threads() == 1
         assert KernelThreads(4, fixed=3).use(1) == 3 and torch.get_num_threads() == 3
-        # OpenMP's count belongs to the calling thread: another thread's call sets its own
-        seen = []
-        other = threading.Thread(target=lambda: seen.append((cpus.use(1), torch.get_num_threads())))
+        # OpenMP's count belongs to each thread once it has run torch (the kernels run on a
+        # link's thread): a thread whose count was fixed before another thread's call still sets
+        # its own on its first call
+        mine = KernelThreads(torch.get_num_threads() + 1)
+        n = mine.for_team(1)
+        started, go, seen = threading.Event(), threading.Event(), []
+
+        def link_thread() -> None:
+            torch.get_num_threads()   # this thread's count is taken now, before the main thread's call
+            started.set()
+            go.wait(10)
+            seen.append((mine.use(1), torch.get_num_threads()))
+
+        other = threading.Thread(target=link_thread)
         other.start()
+        started.wait(10)
+        assert mine.use(1) == n and torch.get_num_threads() == n
+        go.set()
         other.join()
-        assert seen == [(4, 4)] and torch.get_num_threads() == 3
+        assert seen == [(n, n)]
     finally:
         torch.set_num_threads(before)
 

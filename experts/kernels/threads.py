@@ -10,8 +10,9 @@ same cores, so the grant does not size the team's threads. A server that must le
 other tenants of the node runs in an affinity mask (taskset, a cgroup cpuset): that is what
 `available_cpus` reads.
 
-OpenMP's thread count is a property of the calling thread, so `KernelThreads` sets it on the
-thread that calls the kernel, and only when it changes (`torch.set_num_threads` costs a few
+OpenMP's thread count is a property of the calling thread (once a thread has run torch, another
+thread's setting no longer reaches it), so `KernelThreads` sets it on the thread that calls the
+kernel, and only when it changes there (`torch.set_num_threads` costs a few
 microseconds; a layer costs hundreds).
 """
 from __future__ import annotations
