@@ -204,7 +204,7 @@ class Server:
             self._start_autoscaler(c.autoscale)
         self._start_rebalancer()
         self._progress(f"serving on {c.host}:{self.port}" + (f", Admin on {self.admin_address}" if self.admin_address
-                       else "") + f" (metrics on :{self.metrics_port}/metrics)")
+                       else "") + (f" (metrics on :{self.metrics_port}/metrics)" if c.metrics_port >= 0 else ""))
 
     def _connect_ray(self) -> bool:
         """Join or start Ray without Ray taking SIGTERM from this process, which drains on it.

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+SIGNAL_POLL_S = 0.2   # how soon `serve` notices a signal that the kernel handed to another thread
+
 
 def _channel(args: argparse.Namespace):
     """A channel to --address: TLS when --tls-ca is given (the CA that signed the server's cert)."""
@@ -70,11 +72,16 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         print(f"elasticmoe serving {config.model} on {config.host}:{server.port} "
-              f"with {config.workers} expert workers; metrics on :{server.metrics_port}/metrics\n"
+              f"with {config.workers} expert workers"
+              + (f"; metrics on :{server.metrics_port}/metrics\n" if config.metrics_port >= 0 else "\n")
               + (f"  OpenAI-compatible HTTP API on http://{config.host}:{server.http_port}/v1\n" if config.http_port >= 0 else "") +
               f"  try: elasticmoe generate \"Once upon a time\" --address {config.host}:{server.port}\n"
               f"  Ctrl-C stops it.", flush=True)
-        stop.wait()
+        # a timed wait: the kernel may hand the signal to any of the process's threads (Ray's, gRPC's),
+        # and then nothing interrupts a main thread blocked in an untimed wait: its Python handler
+        # would run only when that wait ended, which is never (seen as a SIGINT ignored in CI)
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
         print(f"elasticmoe: draining (new requests refused; running streams get up to "
               f"{config.shutdown_grace_s:g} s)", flush=True)
         if not server.drain(config.shutdown_grace_s):

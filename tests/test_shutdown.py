@@ -4,6 +4,7 @@ shared-memory segment and no Ray process of its own left. Before, SIGTERM ended 
 own SIGTERM handler ran inside the main thread."""
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -179,4 +180,55 @@ def test_sigterm_while_ray_starts_drains_and_exits_clean(tiny_models, tmp_path):
     while time.monotonic() < deadline and any(_alive(p) for p in seen):
         time.sleep(0.5)
     assert not [name for p, name in seen.items() if _alive(p)], "processes left behind"
+    assert os.listdir(shm) == [], "shared memory left behind"
+
+
+def _thread_taking(pid: int, sig: int) -> int:
+    """A thread of process `pid` other than its main one that does not block `sig` (Ray's and
+    gRPC's threads of the server are such): where the kernel may deliver a signal sent to the process."""
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if tid != pid and not blocked & (1 << (sig - 1)):
+            return tid
+    raise AssertionError(f"every thread of {pid} blocks signal {sig}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_landing_on_another_thread_drains(tiny_models, tmp_path, sig):
+    """The kernel hands a signal sent to a process to any thread that does not block it; sent here
+    to one of the server's other threads on purpose (tgkill), it must still drain and exit 0. Before,
+    the main thread slept in an untimed wait that only a signal landing on it interrupted, so its
+    handler never ran: a SIGINT ignored for the whole 30 s of a CI test."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
+         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    out = ""
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line and serve.poll() is not None:
+                break
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert "Ctrl-C stops it" in "".join(lines), "".join(lines[-30:])
+        tid = _thread_taking(serve.pid, sig)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(serve.pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
+        out, _ = serve.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            out += serve.communicate()[0]
+    text = "".join(lines) + out
+    assert serve.returncode == 0 and "draining" in out, text[-3000:]
     assert os.listdir(shm) == [], "shared memory left behind"
