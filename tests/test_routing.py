@@ -169,6 +169,12 @@ class _Link:
     def recv_into(self, layer, out) -> None:
         out.zero_()
 
+    def send_rows(self, layer, hidden, rows, expert_ids, counts, weights, team=1) -> None:
+        self.send(layer, hidden[rows], expert_ids, counts, weights, team)
+
+    def recv_scatter(self, layer, dest, rows) -> None:
+        dest[rows] = 0.0
+
     def alive(self) -> bool:
         return not self.gone
 

@@ -38,9 +38,11 @@ def expert_weights(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]
     return (torch.randn(2 * INTER, BOUNDS.hidden, generator=g) / 8, torch.randn(BOUNDS.hidden, INTER, generator=g) / 8)
 
 
-def reference(layer, x, ids, counts, weights, team=1) -> torch.Tensor:
-    """run_grouped over the self-naming weights, in x's dtype (float32 or bfloat16)."""
-    return run_grouped(layer, x, ids, counts, weights, lambda l, e: tuple(t.to(x.dtype) for t in expert_weights(l, e)))
+def reference(layer, x, ids, counts, weights, team=1, out=None) -> torch.Tensor:
+    """run_grouped over the self-naming weights, in x's dtype (float32 or bfloat16); into `out`
+    when the data plane gives one (a ring's reply slot), as a worker's compute does."""
+    got = run_grouped(layer, x, ids, counts, weights, lambda l, e: tuple(t.to(x.dtype) for t in expert_weights(l, e)))
+    return got if out is None else out.copy_(got)
 
 
 def pairs(seed: int, m: int, experts: list[int]) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,10 +146,10 @@ def test_out_of_step_reply_is_detected():
 def test_worker_error_is_reported_and_the_link_stays_in_step():
     secret = ServerSecret.generate()
 
-    def compute(layer, x, ids, counts, weights, team=1):
+    def compute(layer, x, ids, counts, weights, team=1, out=None):
         if layer == 1:
             raise KeyError(f"expert {ids[0]} is not held here")
-        return reference(layer, x, ids, counts, weights)
+        return reference(layer, x, ids, counts, weights, out=out)
 
     server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, ring_prefix="emoe-wiretest-err-")
     link = WorkerLink("w3", server.address, secret, timeout=5)
@@ -166,9 +168,9 @@ class CountingCompute:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, layer, x, ids, counts, weights, team=1) -> torch.Tensor:
+    def __call__(self, layer, x, ids, counts, weights, team=1, out=None) -> torch.Tensor:
         self.calls += 1
-        return reference(layer, x, ids, counts, weights)
+        return reference(layer, x, ids, counts, weights, out=out)
 
 
 @pytest.fixture
@@ -361,9 +363,9 @@ def test_each_request_brings_its_team_to_the_workers_compute(same_node):
     once (they share the node's CPUs): the number reaches compute over the ring and over TCP."""
     seen = []
 
-    def compute(layer, x, ids, counts, weights, team=1):
+    def compute(layer, x, ids, counts, weights, team=1, out=None):
         seen.append(team)
-        return reference(layer, x, ids, counts, weights)
+        return reference(layer, x, ids, counts, weights, out=out)
 
     secret = ServerSecret.generate()
     server = DataPlaneServer(LOOPBACK, BOUNDS, compute, secret, "emoe-wiretest-team-", FAST)

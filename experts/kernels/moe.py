@@ -168,28 +168,33 @@ class TorchMoE:
 
 
 def run_slots(kernel: MoEKernel, experts: StackedExperts, x: torch.Tensor, slots: list[int], counts: list[int],
-              weights: torch.Tensor) -> torch.Tensor:
-    """x [M, D] grouped by slot; slots, counts [G]; weights [M] -> weighted outputs [M, D], float32.
+              weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, D] grouped by slot; slots, counts [G]; weights [M] -> weighted outputs [M, D], float32,
+    written into `out` when given (a ring's reply slot: no copy after), else into a new tensor.
 
     Each pair is one row with top-1 = its slot, unweighted (skip_weighted): the kernel writes it in
     the model dtype, as F.linear of that row alone would, and a row's result does not depend on the
     other rows (tested bitwise), so how experts are spread over workers cannot change it. The
     router weight is applied here in float32, and the engine sums in float32."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    y = out if x.dtype == torch.float32 else torch.empty(x.shape, dtype=x.dtype)   # the kernel's own dtype
     w = weights.float().unsqueeze(1)
     if experts.contiguous:
         # numpy, not torch.repeat_interleave: that validates its counts with two more ops (~100 us
         # per call on this path, more than the rest of it together)
         ids = torch.from_numpy(np.repeat(np.asarray(slots, dtype=np.int32), counts)[:, None])
-        kernel.fused_moe(out, x, experts.w13, experts.w2, w, ids, True)
+        kernel.fused_moe(y, x, experts.w13, experts.w2, w, ids, True)
     else:   # page-padded slots: the stacked view is strided, so one slot (a contiguous [1, ...]) at a time
         start = 0
         for s, n in zip(slots, counts):
-            kernel.fused_moe(out[start:start + n], x[start:start + n], experts.w13[s:s + 1], experts.w2[s:s + 1],
+            kernel.fused_moe(y[start:start + n], x[start:start + n], experts.w13[s:s + 1], experts.w2[s:s + 1],
                              w[start:start + n], torch.zeros((n, 1), dtype=torch.int32), True)
             start += n
-    return out.float().mul_(w)
+    return torch.mul(y, w, out=out)   # in float32 (a bfloat16 y is widened first, as y.float() would)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,15 @@ class ExchangeLink(Protocol):
 
     def recv_into(self, layer: int, out: torch.Tensor) -> None: ...
 
+    def send_rows(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, expert_ids: np.ndarray,
+                  counts: np.ndarray, weights: np.ndarray, team: int = 1) -> None:
+        """`send` of x = hidden[rows] (rows: int64 [M]), gathered where the link's bytes go."""
+        ...
+
+    def recv_scatter(self, layer: int, dest: torch.Tensor, rows: torch.Tensor) -> None:
+        """The oldest owed reply's row i into dest[rows[i]] (dest: float32 [N, D])."""
+        ...
+
     def alive(self) -> bool:
         """False once the worker is known gone (its link closed, its process exiting); asks
         without waiting, for a link with no exchange owed."""
@@ -98,7 +107,7 @@ class DataPlaneServer:
             try:
                 ids, counts = check_groups(req, meta, self.bounds)
                 weights = torch.from_numpy(meta[2 * req.groups:].view(np.float32))
-                out = self.compute(req.layer, x, ids, counts, weights, req.team)
+                out = self.compute(req.layer, x, ids, counts, weights, req.team, None)
                 if out.shape != (req.pairs, hidden) or out.dtype != torch.float32:
                     raise RuntimeError(f"compute returned {out.dtype} {tuple(out.shape)}, not float32 "
                                        f"{(req.pairs, hidden)}")
@@ -145,6 +154,15 @@ class WorkerLink:
             send_parts(self.sock, [head, xb, memoryview(meta)])
         except OSError as exc:   # ConnectionError included
             raise WorkerLost(self.worker_id, f"send on layer {layer}: {exc}") from exc
+
+    def send_rows(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, expert_ids: np.ndarray,
+                  counts: np.ndarray, weights: np.ndarray, team: int = 1) -> None:
+        self.send(layer, hidden.index_select(0, rows), expert_ids, counts, weights, team)
+
+    def recv_scatter(self, layer: int, dest: torch.Tensor, rows: torch.Tensor) -> None:
+        reply = torch.empty((rows.shape[0], dest.shape[1]), dtype=torch.float32)
+        self.recv_into(layer, reply)
+        dest.index_copy_(0, rows, reply)
 
     def recv_into(self, layer: int, out: torch.Tensor) -> None:
         """Receive the reply straight into `out` ([M, D] float32, contiguous)."""

@@ -19,10 +19,11 @@ from experts.model.dtypes import WIRE_DTYPES
 from experts.model.spec import ModelSpec
 from experts.wire.framing import FrameError, check_bound, frame
 
-__all__ = ["Compute", "ExchangeBounds", "Request", "WorkerLost", "check_groups", "check_request", "pack_request"]
+__all__ = ["Compute", "ExchangeBounds", "Request", "WorkerLost", "check_groups", "check_request", "pack_head", "pack_request"]
 
-# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M], team) -> float32 [M, D]
-Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor, int], torch.Tensor]
+# (MoE layer, x [M, D] grouped by expert, expert ids [G], group sizes [G], weights [M], team, out) -> float32
+# [M, D]: `out`, a float32 [M, D] the reply is written into when given (a ring's reply slot), else a new tensor
+Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 MAGIC = b"EMX3"   # 3: the request carries its team
 REQUEST = frame("4sIiiiBB")   # magic, seq, MoE layer, pairs M, groups G, dtype code, team
@@ -109,13 +110,19 @@ def pack_request(seq: int, layer: int, x: torch.Tensor, expert_ids: np.ndarray, 
                  weights: np.ndarray, team: int = 1) -> tuple[bytes, memoryview, np.ndarray]:
     """(header, x's bytes, meta) of one request. `team`: how many processes of the receiver's node
     are busy with this layer (the receiver included): they share the node's CPUs."""
+    head, meta = pack_head(seq, layer, x.shape[0], x.dtype, expert_ids, counts, weights, team)
+    return head, tensor_bytes(x), meta
+
+
+def pack_head(seq: int, layer: int, pairs: int, dtype: torch.dtype, expert_ids: np.ndarray, counts: np.ndarray,
+              weights: np.ndarray, team: int = 1) -> tuple[bytes, np.ndarray]:
+    """(header, meta) of a request of `pairs` rows of `dtype`, for a sender that writes x itself."""
     meta = np.empty(2 * len(expert_ids) + len(weights), dtype=np.int32)
     g = len(expert_ids)
     meta[:g] = expert_ids
     meta[g:2 * g] = counts
     meta[2 * g:] = weights.astype(np.float32, copy=False).view(np.int32)
-    head = REQUEST.pack(MAGIC, seq, layer, x.shape[0], g, DTYPE_CODES[x.dtype], min(team, MAX_TEAM))
-    return head, tensor_bytes(x), meta
+    return REQUEST.pack(MAGIC, seq, layer, pairs, g, DTYPE_CODES[dtype], min(team, MAX_TEAM)), meta
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -31,7 +31,8 @@ from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
 from experts.wire.doorbell import Doorbell
 from experts.wire.framing import FrameError, frame, nodelay, peer_closed, recv_bytes
 from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
-                                   check_request, error_text, pack_request)
+                                   check_request, error_text, pack_head)
+from experts.wire.messages import MAX_ERROR_BYTES
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
@@ -164,11 +165,12 @@ def _answer(ring: _Mapped, seq: int, bounds: ExchangeBounds, compute: Compute) -
         meta = ring.buf[meta_at:meta_at + 4 * req.meta_count()].view(np.int32)
         ids, counts = check_groups(req, meta, bounds)
         weights = torch.from_numpy(meta[2 * req.groups:].view(np.float32))
-        out = compute(req.layer, x, ids, counts, weights, req.team)
-        if out.shape != (req.pairs, bounds.hidden) or out.dtype != torch.float32:
-            raise RuntimeError(f"compute returned {out.dtype} {tuple(out.shape)}, not float32 "
-                               f"{(req.pairs, bounds.hidden)}")
-        ring.tensor(rep + HEAD_ROOM, out.numel(), torch.float32).copy_(out.view(-1))
+        # the reply is computed into its slot: no copy on either side of the ring
+        slot = ring.tensor(rep + HEAD_ROOM, req.pairs * bounds.hidden, torch.float32).view(req.pairs, bounds.hidden)
+        out = compute(req.layer, x, ids, counts, weights, req.team, slot)
+        if out.data_ptr() != slot.data_ptr() or out.shape != slot.shape or out.dtype != torch.float32:
+            raise RuntimeError(f"compute answered {out.dtype} {tuple(out.shape)} beside the reply slot, not "
+                               f"float32 {(req.pairs, bounds.hidden)} in it")
         REPLY.pack_into(ring.mm, rep, MAGIC, seq, OK, out.numel() * 4, time.perf_counter_ns() - t0)
         return req.pairs
     except Exception as exc:  # reported to the engine, which raises it there
@@ -236,6 +238,19 @@ class RingLink:
              weights: np.ndarray, team: int = 1) -> None:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] (float32); team: the
         processes of its node busy with this layer (experts/kernels/threads.py)."""
+        self._send(layer, x.shape, x.dtype, lambda slot: slot.copy_(x), expert_ids, counts, weights, team)
+
+    def send_rows(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, expert_ids: np.ndarray,
+                  counts: np.ndarray, weights: np.ndarray, team: int = 1) -> None:
+        """`send` of x = hidden[rows], gathered straight into the request slot."""
+        self._send(layer, (rows.shape[0], hidden.shape[1]), hidden.dtype,
+                   lambda slot: torch.index_select(hidden, 0, rows, out=slot),
+                   expert_ids, counts, weights, team)
+
+    def _send(self, layer: int, shape: tuple[int, int], dtype: torch.dtype, write_x: Callable[[torch.Tensor], object],
+              expert_ids: np.ndarray, counts: np.ndarray, weights: np.ndarray, team: int) -> None:
+        """One request of x [pairs, D] = `shape`, which `write_x` writes into the slot's view."""
+        pairs, width = shape
         ring = self.ring
         if ring is None:
             raise WorkerLost(self.worker_id, f"send on layer {layer}: the link is closed")
@@ -243,27 +258,38 @@ class RingLink:
         if len(self._owed) >= layout.depth:
             raise RuntimeError(f"worker {self.worker_id}: {len(self._owed)} exchanges owed on layer {layer}, "
                                f"the ring holds {layout.depth}")
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        head, xb, meta = pack_request(self._seq, layer, x, expert_ids, counts, weights, team)
-        at = layout.request_at(self._seq)
-        x_end = at + HEAD_ROOM + len(xb)
-        meta_at = at + HEAD_ROOM + -(-len(xb) // 8) * 8
+        seq = (self._seq + 1) & 0xFFFFFFFF
+        head, meta = pack_head(seq, layer, pairs, dtype, expert_ids, counts, weights, team)
+        at = layout.request_at(seq)
+        x_bytes = pairs * width * dtype.itemsize
+        meta_at = at + HEAD_ROOM + -(-x_bytes // 8) * 8
         if meta_at + meta.nbytes > at + layout.req_slot:
-            raise ValueError(f"worker {self.worker_id}: layer {layer} exchange of {x.shape[0]} pairs does not fit "
+            raise ValueError(f"worker {self.worker_id}: layer {layer} exchange of {pairs} pairs does not fit "
                              f"the ring's {layout.req_slot}-byte slot")
         buf = ring.buf
+        write_x(ring.tensor(at + HEAD_ROOM, pairs * width, dtype).view(pairs, width))
         buf[at:at + len(head)] = np.frombuffer(head, dtype=np.uint8)
-        buf[at + HEAD_ROOM:x_end] = np.frombuffer(xb, dtype=np.uint8)
         buf[meta_at:meta_at + meta.nbytes] = meta.view(np.uint8)
-        self._owed.append((self._seq, x.shape[0]))
-        ring.requests.ring(self._seq)
+        self._seq = seq
+        self._owed.append((seq, pairs))
+        ring.requests.ring(seq)
 
     def recv_into(self, layer: int, out: torch.Tensor) -> None:
         """Wait for the oldest owed reply and copy it into `out` ([M, D] float32, contiguous)."""
+        assert out.is_contiguous() and out.dtype == torch.float32, (out.dtype, out.stride())
+        out.copy_(self._reply(layer, out.shape[0], out.shape[1]))
+
+    def recv_scatter(self, layer: int, dest: torch.Tensor, rows: torch.Tensor) -> None:
+        """Wait for the oldest owed reply and copy its row i to dest[rows[i]], from the ring itself."""
+        dest.index_copy_(0, rows, self._reply(layer, rows.shape[0], dest.shape[1]))
+
+    def _reply(self, layer: int, pairs: int, width: int) -> torch.Tensor:
+        """The oldest owed reply, [pairs, D] float32, as a view of its slot: read before the request
+        `depth` later is sent (the worker writes that one's reply there)."""
         if not self._owed:
             raise RuntimeError(f"worker {self.worker_id}: a reply read on layer {layer} with none owed")
-        expected, pairs = self._owed.popleft()
-        spin = SMALL_SPIN_S if pairs <= SMALL_PAIRS else 0.0
+        expected, sent = self._owed.popleft()
+        spin = SMALL_SPIN_S if sent <= SMALL_PAIRS else 0.0
         ring = self.ring
         if ring is None:
             raise WorkerLost(self.worker_id, f"reply on layer {layer}: the link is closed")
@@ -281,11 +307,13 @@ class RingLink:
         self.last_compute_s = spent / 1e9
         if magic != MAGIC or seq != expected:
             raise RuntimeError(f"worker {self.worker_id}: out of step on layer {layer} ({magic!r}, {seq})")
-        body = ring.buf[at + HEAD_ROOM:at + HEAD_ROOM + size]
         if status != OK:
-            raise RuntimeError(f"worker {self.worker_id} failed on layer {layer}: {body.tobytes().decode()}")
-        assert out.is_contiguous() and out.dtype == torch.float32 and size == out.numel() * 4, (size, out.shape)
-        out.view(-1).copy_(torch.from_numpy(body).view(torch.float32))
+            body = ring.buf[at + HEAD_ROOM:at + HEAD_ROOM + min(size, MAX_ERROR_BYTES)]
+            raise RuntimeError(f"worker {self.worker_id} failed on layer {layer}: {body.tobytes().decode(errors='replace')}")
+        if sent != pairs or size != pairs * width * 4:
+            raise RuntimeError(f"worker {self.worker_id}: a reply of {size} bytes on layer {layer} for {sent} pairs "
+                               f"sent, {pairs} expected")
+        return ring.tensor(at + HEAD_ROOM, pairs * width, torch.float32).view(pairs, width)
 
     def alive(self) -> bool:
         if self.ring is None or (self._stat_fd is not None and _exiting(self._stat_fd)):

@@ -115,14 +115,16 @@ class ExpertWorker:
 
     # -- data plane -------------------------------------------------------------------------
     def _compute(self, layer: int, x: torch.Tensor, expert_ids: list[int], counts: list[int],
-                 weights: torch.Tensor, team: int = 1) -> torch.Tensor:
+                 weights: torch.Tensor, team: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, D] grouped by expert; expert_ids, counts [G]; weights [M] -> weighted outputs [M, D],
-        float32. team: the processes of this node busy with this layer (this worker included, and
-        the engine when it spins through a small exchange): they share the node's CPUs."""
+        float32, into `out` when given (the ring's reply slot). team: the processes of this node busy
+        with this layer (this worker included, and the engine when it spins through a small
+        exchange): they share the node's CPUs."""
         self._tokens += x.shape[0]
         self._layers_by_threads[self.threads.use(team)] += 1
         with torch.inference_mode():
-            return run_slots(self.kernel, self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights)
+            return run_slots(self.kernel, self.ranges[layer], x, self.pool.slots_of(layer, expert_ids), counts, weights,
+                             out)
 
     def _segment_bytes(self, name: str) -> memoryview | None:
         seg = self._by_name.get(name)

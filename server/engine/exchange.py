@@ -119,10 +119,10 @@ class RemoteExperts:
         pair_starts = starts.tolist() + [len(sorted_key)]
         sizes = np.subtract(pair_starts[1:], pair_starts[:-1])
         groups = sorted_key[starts]
-        x = hidden.index_select(0, torch.from_numpy(order // a))   # one row per pair, grouped
+        rows = torch.from_numpy(order // a)   # the hidden row of each pair, grouped: gathered by the link
+        hidden = hidden.contiguous()
         weights = topk_weights.numpy().reshape(-1)[order] if topk_weights.dtype == torch.float32 \
             else topk_weights.float().numpy().reshape(-1)[order]
-        out = torch.empty(x.shape, dtype=torch.float32)  # the workers' replies land here
         group_owner = groups // num_experts
         owner_starts = _run_starts(group_owner)
         busy = group_owner[owner_starts]
@@ -136,36 +136,36 @@ class RemoteExperts:
             p0, p1 = pair_starts[g0], pair_starts[g1]
             link = self.links[int(group_owner[g0])]
             try:
-                link.send(l, x[p0:p1], groups[g0:g1] % num_experts, sizes[g0:g1], weights[p0:p1], team[i])
+                link.send_rows(l, hidden, rows[p0:p1], groups[g0:g1] % num_experts, sizes[g0:g1], weights[p0:p1],
+                               team[i])
             except Exception:
-                _drain(sent, l, out)
+                _drain(sent, l, hidden.shape[1])
                 raise
             sent.append((link, p0, p1 - p0))
-        return _Exchange(l, sent, out, order, t, a, hidden.dtype)
+        return _Exchange(l, sent, torch.from_numpy(order), t, a, hidden.shape[1], hidden.dtype)
 
     def finish(self, ex: "_Exchange") -> torch.Tensor:
         """Receive the workers' replies of one started exchange and add up each token's rows."""
         slowest = 0.0
+        # each reply's rows go straight back to (token, choice) order (from a ring: out of its
+        # slot, with no copy before), then each token's top-k rows are summed in choice order: the
+        # sum's order is the router's, never the placement's, so how experts are spread over
+        # workers cannot change a bit of it (and no scatter-add runs: a row copy and a small sum)
+        pairs = torch.empty((ex.tokens * ex.top_k, ex.width), dtype=torch.float32)
         for i, (link, p0, npairs) in enumerate(ex.sent):
             try:
-                link.recv_into(ex.layer, ex.out[p0:p0 + npairs])
+                link.recv_scatter(ex.layer, pairs, ex.order[p0:p0 + npairs])
             except Exception:
-                _drain(ex.sent[i + 1:], ex.layer, ex.out)
+                _drain(ex.sent[i + 1:], ex.layer, ex.width)
                 raise
             slowest = max(slowest, link.last_compute_s)
         # the critical path's worker compute; the rest of "experts" is routing and transport
         self.profile.add("expert_ffn_on_worker", slowest)
-        # back to (token, choice) order, then each token's top-k rows summed in choice order: the
-        # sum's order is the router's, never the placement's, so how experts are spread over
-        # workers cannot change a bit of it (and no scatter-add runs: a gather and a small sum)
-        back = np.empty_like(ex.order)
-        back[ex.order] = np.arange(len(ex.order))
-        pairs = ex.out.index_select(0, torch.from_numpy(back)).view(ex.tokens, ex.top_k, -1)   # not out[idx]: 3x its cost
-        return pairs.sum(dim=1).to(ex.dtype)
+        return pairs.view(ex.tokens, ex.top_k, -1).sum(dim=1).to(ex.dtype)
 
     def abandon(self, ex: "_Exchange") -> None:
         """A started exchange that will not be finished: read and drop the replies it is owed."""
-        _drain(ex.sent, ex.layer, ex.out)
+        _drain(ex.sent, ex.layer, ex.width)
 
     def check_standby(self) -> None:
         """WorkerLost for the first standing-by worker known gone (a few syscalls each)."""
@@ -183,11 +183,11 @@ class RemoteExperts:
 class _Exchange:
     """One started exchange: which links owe replies, where they land, and the pairs' grouping."""
     layer: int
-    sent: list
-    out: torch.Tensor       # [M, D] float32, pairs grouped by (worker, expert)
-    order: np.ndarray       # [M] grouped position -> flat (token, choice) index
+    sent: list              # (link, first pair, pairs) of each request, pairs grouped by (worker, expert)
+    order: torch.Tensor     # [M] int64: grouped position -> flat (token, choice) index
     tokens: int
     top_k: int
+    width: int              # D
     dtype: torch.dtype
 
 
@@ -199,11 +199,11 @@ def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(change)
 
 
-def _drain(sent: list, layer: int, out: torch.Tensor) -> None:
+def _drain(sent: list, layer: int, width: int) -> None:
     """After a failed exchange, read and drop the replies the other links still owe, so that each
     stays in step for the retry of the step."""
-    for link, p0, n in sent:
+    for link, _, n in sent:
         try:
-            link.recv_into(layer, out[p0:p0 + n])
+            link.recv_into(layer, torch.empty((n, width), dtype=torch.float32))
         except Exception:
             pass
