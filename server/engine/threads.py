@@ -10,10 +10,12 @@ as the scheduler lets that thread run. Measured in the server on 2 cores (2 work
 alternating, two rounds): 1 engine thread against 2 gave 79 vs 41 tok/s at batch 1 and 725 vs 470
 at batch 32, the engine's attention phase 2.1-2.4 vs 5.7 ms per step at batch 1 (isolated, with
 nothing else running, 2 threads win). A wide step (at least WIDE_STEP_TOKENS tokens: prefill
-chunks, decode at batch 32 and up) has ops large enough to pay for the stalls, so it takes every
+chunks, decode at batch 16 and up) has ops large enough to pay for the stalls, so it takes every
 CPU (`StepThreads`): 4 x 512-token prefill +25% prompt tok/s, its attention 34-37 vs 60 ms (A/B,
 2 cores); decode at batch 32 with one worker per node computing: 1037/1039 vs 1016/1014 tok/s,
-attention 5.9-6.1 vs 6.9-7.2 ms per step (A/B, 2 rounds; batch 8 unchanged).
+attention 5.9-6.1 vs 6.9-7.2 ms per step (A/B, 2 rounds; batch 8 unchanged); the threshold at
+16 rather than 32 (3 rounds, fp32, 2 workers): batch 16 528/672/544 vs 500/594/506 tok/s, batch 8
+level (335/340/377 vs 328/392/297); at 8 batch 16 gained in 2 rounds of 3 only.
 libgomp reads its wait policy once, when torch loads it, hence `passive_openmp` must run before
 the first `import torch` of the process (the CLI calls it first thing); the thread count can be set
 at any time (`engine_threads`).
@@ -66,7 +68,7 @@ def engine_threads(requested: int = 0, reserved: int = RESERVED_CPUS) -> int:
     return n
 
 
-WIDE_STEP_TOKENS = 32
+WIDE_STEP_TOKENS = 16
 
 
 @dataclass(frozen=True)
