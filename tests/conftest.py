@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,20 @@ def wait_for(cond, timeout: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def read_until(proc: "subprocess.Popen", lines: list[str], marker: str, timeout: float = 240.0) -> bool:
+    """Read `proc`'s text output line by line into `lines` until a line holds `marker` (True), the
+    output ends or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            return False
+        lines.append(line)
+        if marker in line:
+            return True
+    return False
 
 
 def leftover_segments(namespace: str) -> list[str]:

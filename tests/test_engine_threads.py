@@ -9,9 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.conftest import read_until
 
 
 def test_serve_starts_openmp_passive(tmp_path):
@@ -68,16 +69,9 @@ def test_serve_takes_the_engine_thread_count_asked_for(tiny_models):
                              "--workers", "1", "--engine-threads", "1", "--port", "0", "--http-port", "-1",
                              "--metrics-port", "-1", "--ray-num-cpus", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "engine:" in line and "torch threads" in line:
-                break
+        read_until(proc, lines, "torch threads")
         assert any("engine: 1 torch threads" in line for line in lines), "".join(lines)[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGINT)

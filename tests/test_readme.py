@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import read_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -52,14 +53,7 @@ def test_readme_commands(tmp_path):
                              text=True, start_new_session=True)
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = serve.stdout.readline()
-            if not line and serve.poll() is not None:
-                break
-            lines.append(line)
-            if "Ctrl-C stops it" in line:
-                break
+        read_until(serve, lines, "Ctrl-C stops it")
         assert any("elasticmoe serving" in line for line in lines), "".join(lines[-30:])
         for call in calls:
             if " serve " in call:

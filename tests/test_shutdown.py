@@ -20,8 +20,22 @@ import pytest
 
 from server.api import elasticmoe_pb2 as pb
 from server.api import elasticmoe_pb2_grpc as pb_grpc
+from tests.conftest import read_until
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve(model: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`elasticmoe serve` of `model` with one worker on loopback, its segments in a directory of its
+    own (others' servers share /dev/shm); (the process, that directory)."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--workers", "1",
+         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return serve, shm
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -62,28 +76,13 @@ class Stream(threading.Thread):
     (signal.SIGTERM, 1, 4000, False),     # longer than the grace: cancelled, exit 0 all the same
 ], ids=["SIGTERM drains", "SIGINT drains", "SIGTERM past the grace"])
 def test_signal_drains_and_exits_clean(tiny_models, tmp_path, sig, grace, max_tokens, completes):
-    shm = tmp_path / "shm"   # this server's segments only (others' servers share /dev/shm)
-    shm.mkdir()
-    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
-         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2",
-         "--max-model-len", "4096", "--shutdown-grace", str(grace)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve, shm = _serve(tiny_models["mixtral"], tmp_path, "--max-model-len", "4096", "--shutdown-grace", str(grace))
     lines: list[str] = []
     try:
-        port = None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = serve.stdout.readline()
-            if not line and serve.poll() is not None:
-                break
-            lines.append(line)
-            found = re.search(r"elasticmoe serving .* on 127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else port
-            if "Ctrl-C stops it" in line:
-                break
-        assert port, "".join(lines[-30:])
+        read_until(serve, lines, "Ctrl-C stops it")
+        found = re.search(r"elasticmoe serving .* on 127\.0\.0\.1:(\d+)", "".join(lines))
+        assert found, "".join(lines[-30:])
+        port = int(found.group(1))
         children = psutil.Process(serve.pid).children(recursive=True)
         assert any("raylet" in p.name() for p in children), [p.name() for p in children]
         assert os.listdir(shm), "the server made no segment there: the leftover check would prove nothing"
@@ -127,13 +126,7 @@ def test_sigterm_while_ray_starts_drains_and_exits_clean(tiny_models, tmp_path):
     """SIGTERM from the moment the server starts Ray until it drains (a SIGTERM every 0.1 s over the
     whole of ray.init and the first worker's start): every one reaches the server's own handler,
     never Ray's (before: Ray's Python handler's sys.exit, or its C++ handler's abort 3 s later)."""
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
-         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve, shm = _serve(tiny_models["mixtral"], tmp_path)
     lines: list[str] = []
     seen: dict[psutil.Process, str] = {}   # every process of the server's tree (and its name), to check they end
     draining = threading.Event()
@@ -200,25 +193,11 @@ def test_signal_landing_on_another_thread_drains(tiny_models, tmp_path, sig):
     to one of the server's other threads on purpose (tgkill), it must still drain and exit 0. Before,
     the main thread slept in an untimed wait that only a signal landing on it interrupted, so its
     handler never ran: a SIGINT ignored for the whole 30 s of a CI test."""
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    env = dict(os.environ, ELASTICMOE_SHM_DIR=str(shm))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_models["mixtral"]), "--workers", "1",
-         "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--ray-num-cpus", "2"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve, shm = _serve(tiny_models["mixtral"], tmp_path)
     lines: list[str] = []
     out = ""
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = serve.stdout.readline()
-            if not line and serve.poll() is not None:
-                break
-            lines.append(line)
-            if "Ctrl-C stops it" in line:
-                break
-        assert "Ctrl-C stops it" in "".join(lines), "".join(lines[-30:])
+        assert read_until(serve, lines, "Ctrl-C stops it"), "".join(lines[-30:])
         tid = _thread_taking(serve.pid, sig)
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.tgkill(serve.pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
