@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -70,7 +70,7 @@ def wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def read_until(proc: "subprocess.Popen", lines: list[str], marker: str, timeout: float = 240.0) -> bool:
+def read_until(proc: subprocess.Popen, lines: list[str], marker: str, timeout: float = 240.0) -> bool:
     """Read `proc`'s text output line by line into `lines` until a line holds `marker` (True), the
     output ends or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout

@@ -30,9 +30,8 @@ import torch
 from experts.wire.auth import PURPOSE_RING, ServerSecret, client_handshake
 from experts.wire.doorbell import Doorbell
 from experts.wire.framing import FrameError, frame, nodelay, peer_closed, recv_bytes
-from experts.wire.messages import (ERROR, MAGIC, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost, check_groups,
-                                   check_request, error_text, pack_head)
-from experts.wire.messages import MAX_ERROR_BYTES
+from experts.wire.messages import (ERROR, MAGIC, MAX_ERROR_BYTES, OK, REPLY, REQUEST, Compute, ExchangeBounds, WorkerLost,
+                                   check_groups, check_request, error_text, pack_head)
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE

@@ -73,7 +73,7 @@ class WriteDeadline:
     def _watchdog(self) -> _Watchdog:
         loop = asyncio.get_running_loop()
         dog = self._watchdogs.get(loop)
-        if dog is None or dog.loop.is_closed():
+        if dog is None:
             dog = self._watchdogs[loop] = _Watchdog(loop, self.seconds, self.tick)
         return dog
 

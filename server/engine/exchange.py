@@ -120,7 +120,6 @@ class RemoteExperts:
         sizes = np.subtract(pair_starts[1:], pair_starts[:-1])
         groups = sorted_key[starts]
         rows = torch.from_numpy(order // a)   # the hidden row of each pair, grouped: gathered by the link
-        hidden = hidden.contiguous()
         weights = topk_weights.numpy().reshape(-1)[order] if topk_weights.dtype == torch.float32 \
             else topk_weights.float().numpy().reshape(-1)[order]
         group_owner = groups // num_experts
