@@ -96,3 +96,17 @@ def test_a_deadline_must_be_a_positive_number_of_seconds():
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="must be a number of seconds > 0"):
             WriteDeadline(bad, lambda: None)
+
+
+def test_the_api_loop_ends_the_watchdog_when_the_server_stops(tiny_models):
+    """A stream's writes start the watchdog on the gRPC loop; stopping the front ends every task
+    left there (as asyncio.run would), so none is reported "destroyed but pending" at exit."""
+    from tests.conftest import generate, running_server
+
+    with running_server(tiny_models["mixtral"], workers=1) as server:
+        tokens, _, _ = generate(server.channel, [5, 17, 33], max_tokens=8, ignore_eos=True)
+        assert len(tokens) == 8
+        loop = server.front.loop
+        server.front.stop(grace=1)
+        assert not server.front._thread.is_alive()
+        assert [t for t in asyncio.all_tasks(loop) if not t.done()] == []

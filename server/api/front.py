@@ -204,6 +204,14 @@ class GrpcFront:
             for hs in self._health:
                 await hs.enter_graceful_shutdown()
             await asyncio.gather(*(s.stop(grace) for s in self._servers))
+            # what is left on the loop (the write deadline's watchdog between ticks) ends here, as
+            # asyncio.run ends its tasks: a task still pending when the loop goes is reported
+            # "destroyed but pending" at exit
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=1.0)
 
         self._run(stop_all(), timeout=grace + 30)
         # plain handlers still running wait on the loop (their writes, their end-of-call
