@@ -97,7 +97,7 @@ class InferenceServicer:
             params = sampling_from_proto(request.sampling)
             self.prompts.check_size(request.prompt)   # before a thread is spent on it
             ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, request)
-            req = Request(rid, ids, params, outputs=outputs)
+            req = Request(rid, ids, params, outputs=outputs, stream_interval=max(1, request.stream_interval))
             self.engine.submit(req)
         except ValueError as exc:
             await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -190,7 +190,9 @@ class HttpApi:
             room = min(self.engine.max_model_len, blocks.num_blocks * blocks.block_size) - len(ids)
             params = common.params(default_max_tokens=max(room, 1))
             outputs = LoopOutputs(loop)
-            req = Request(uuid.uuid4().hex, ids, params, outputs=outputs)   # type: ignore[arg-type]
+            # a response without `stream` is read whole: its tokens come in one output after the first
+            req = Request(uuid.uuid4().hex, ids, params, outputs=outputs,   # type: ignore[arg-type]
+                          stream_interval=1 if common.stream else params.max_tokens)
             self.engine.submit(req)
             return req, common, outputs
         except ApiError:

@@ -127,18 +127,19 @@ class StreamLog:
 
 
 def run_batch(address: str, prompts: list[list[int]], max_tokens: int,
-              nice: int = 0) -> tuple[float, list[StreamLog]]:
+              nice: int = 0, stream_interval: int = 1) -> tuple[float, list[StreamLog]]:
     """Start all streams at once; return wall seconds and their logs. Every stream runs on one
     asyncio loop in one thread of its own (grpc.aio): one thread wakes for a step's burst of tokens,
     not one per stream (a thread per stream cost 3.2 vs 2.0 ms of client CPU per step at batch 32,
     on the 2 cores the server computes on: 1066/1081 vs 1118 tok/s in an A/B). `nice` > 0: the
     client runs at that niceness, so that a load generator sharing the server's cores takes the
     CPU the server leaves idle rather than preempting its engine and workers (a client on another
-    machine costs the server nothing)."""
+    machine costs the server nothing). `stream_interval`: as `GenerateRequest.stream_interval` (1: a
+    message per token; max_tokens: each completion whole, after its first token)."""
     import asyncio
 
     async def one(stub, prompt_ids: list[int], log: StreamLog) -> None:
-        req = pb.GenerateRequest(prompt_token_ids=prompt_ids,
+        req = pb.GenerateRequest(prompt_token_ids=prompt_ids, stream_interval=stream_interval,
                                  sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         try:
             async for msg in stub.Generate(req, timeout=600):

@@ -337,7 +337,7 @@ class Engine:
         elif len(seq.output) >= p.max_tokens:
             self._end(req, "length", [token], text + detok.flush())
         else:
-            req.outputs.put(Output([token], text))
+            req.deliver(token, text)
 
     def _end(self, req: Request, finish: str, tokens: list[int] | None = None, text: str = "",
              error: str = "") -> None:
@@ -349,7 +349,8 @@ class Engine:
         self.scheduler.finish(req.request_id)
         self._detok.pop(req.request_id, None)
         self._samplers.pop(req.request_id, None)
-        req.outputs.put(Output(tokens or [], text, finish=finish, error=error,
+        held = req.take_held()   # delivered with the finish; dropped with an error (the stream ends in a status)
+        req.outputs.put(Output(held.token_ids + (tokens or []), held.text + text, finish=finish, error=error,
                                prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion))
         status = {"length": "ok", "stop": "ok", "eos": "ok"}.get(finish, finish)
         self.observer.on_finish(req, status, req.completion)

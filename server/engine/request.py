@@ -26,10 +26,33 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     outputs: "queue.SimpleQueue[Output]" = field(default_factory=queue.SimpleQueue)
+    # how its tokens are delivered: the first at once, then an output every `stream_interval` new
+    # tokens, and the last with the finish. 1 streams each token; a non-streaming client asks for
+    # its whole completion with max_tokens (one output after the first token, one at the end)
+    stream_interval: int = 1
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: float | None = None
     completion: int = 0
+    held: Output = field(default_factory=lambda: Output([], ""))   # tokens (and their text) not delivered yet
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+
+    def deliver(self, token: int, text: str) -> None:
+        """Hand one new token (not the last) to the stream, or hold it until `stream_interval` are due."""
+        held = Output(self.held.token_ids + [token], self.held.text + text)
+        if self.completion == 1 or len(held.token_ids) >= self.stream_interval:
+            self.held = Output([], "")
+            self.outputs.put(held)
+        else:
+            self.held = held
+
+    def take_held(self) -> Output:
+        """What `deliver` holds back, handed to the last output."""
+        held, self.held = self.held, Output([], "")
+        return held
 
 
 class EngineObserver:
