@@ -331,7 +331,7 @@ class Server:
         c = self.config
         prompts = PromptEncoder(self.tokenizer, self.engine.max_model_len)
         inference = InferenceServicer(self.engine, prompts, self.stats, WriteDeadline(
-            c.stream_write_timeout_s, lambda: self.metrics.stream_write_timeout("grpc")))
+            c.stream_write_timeout_s, lambda: self.metrics.stream_write_timeout("grpc")), c.stream_interval)
         admin = AdminServicer(self.controller, self, self.operations.registry)
         self.front = GrpcFront(c, inference, admin)
         bound = self.front.start()
@@ -343,7 +343,7 @@ class Server:
         api = HttpApi(self.engine, PromptEncoder(self.tokenizer, self.engine.max_model_len).encode, self.stats, c.model,
                       load_chat_template(c.model), WriteDeadline(
                           c.stream_write_timeout_s, lambda: self.metrics.stream_write_timeout("http")),
-                      api_key=c.api_key)
+                      api_key=c.api_key, stream_interval=c.stream_interval)
         self.http = HttpFront(api, c.host, c.http_port)
         self.http_port = self.http.port
         self.http.start()

@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         worker_timeout_s=args.worker_timeout, redundant_experts=args.redundant_experts,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, admin_token=args.admin_token, api_key=args.api_key,
         admin_address=args.admin_address, reflection=args.reflection, shutdown_grace_s=args.shutdown_grace,
-        max_streams_per_connection=args.max_streams_per_connection, stream_write_timeout_s=args.stream_write_timeout)
+        max_streams_per_connection=args.max_streams_per_connection, stream_write_timeout_s=args.stream_write_timeout,
+        stream_interval=args.stream_interval)
     server = Server(config)
     stop = threading.Event()
 
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, seconds running streams get to finish before they are cancelled")
     s.add_argument("--max-streams-per-connection", type=int, default=100,
                    help="concurrent streams one gRPC (HTTP/2) connection may open; more are refused")
+    s.add_argument("--stream-interval", type=int, default=1,
+                   help="new tokens per message of a stream that does not choose (gRPC stream_interval 0, "
+                        "HTTP streams): the first token goes at once, then every N; larger N, far less work "
+                        "per token for the server (default 1: every token)")
     s.add_argument("--stream-write-timeout", type=float, default=30.0,
                    help="seconds a streamed message may wait for its client to read it; then the stream ends "
                         "and its request is cancelled")
@@ -354,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-len", type=int, default=512, help="decode: prompt length of the prefill row (0: none)")
     b.add_argument("--client-nice", type=int, default=0,
                    help="decode: niceness of the streaming client's threads (default 0: it competes with the server for the cores)")
+    b.add_argument("--deliveries", default="token,whole",
+                   help="decode: how our client takes its tokens, a row each: token (a message per token), "
+                        "whole (each completion at once, as vLLM's offline generate returns it)")
     b.add_argument("--threads", type=int, default=2, help="kernels: OpenMP threads")
     b.add_argument("--repeat", type=int, default=200, help="kernels: timed calls per cell")
     b.add_argument("--minutes", type=float, default=10.0, help="chaos: how long the driver breaks things")

@@ -53,6 +53,8 @@ class ServerConfig:
     max_streams_per_connection: int = 100 # HTTP/2 streams one gRPC connection may hold open at once
     stream_write_timeout_s: float = 30.0  # a stream write its client leaves unread this long ends the
                                           # stream and cancels its request
+    stream_interval: int = 1              # new tokens per message of a stream that does not choose
+                                          # (gRPC stream_interval 0, HTTP streams); the first goes at once
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -101,6 +103,8 @@ class ServerConfig:
             raise ValueError(f"--shutdown-grace {self.shutdown_grace_s!r} must be >= 0")
         if self.max_streams_per_connection < 1:
             raise ValueError(f"--max-streams-per-connection {self.max_streams_per_connection!r} must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval {self.stream_interval!r} must be >= 1")
         if not 0 < self.stream_write_timeout_s < float("inf"):
             raise ValueError(f"--stream-write-timeout {self.stream_write_timeout_s!r} must be a number of seconds > 0")
 

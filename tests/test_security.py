@@ -223,6 +223,7 @@ def test_cli_admin_commands_take_the_credential_and_the_ca(server, pki, capsys, 
     (dict(max_streams_per_connection=0), "--max-streams-per-connection"),
     (dict(stream_write_timeout_s=0.0), "--stream-write-timeout"),
     (dict(stream_write_timeout_s=float("inf")), "--stream-write-timeout"),
+    (dict(stream_interval=0), "--stream-interval"),
 ])
 def test_bad_front_door_flags_are_refused(tiny_models, bad, word):
     with pytest.raises(ValueError, match=word):

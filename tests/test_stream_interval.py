@@ -1,6 +1,7 @@
 """`GenerateRequest.stream_interval`: the first token at once, then a message every N new tokens and
-the last; the same tokens and text as a stream of one token per message. A non-streamed HTTP
-completion is delivered the same way (whole, after its first token)."""
+the last; the same tokens and text as a stream of one token per message. A request that leaves it
+at 0 (and an HTTP stream) gets the server's `--stream-interval`; a non-streamed HTTP completion is
+delivered whole, after its first token."""
 from __future__ import annotations
 
 import openai
@@ -14,11 +15,12 @@ from tests.conftest import running_server
 
 PROMPT = "Once upon a time"
 TOKENS = 24
+DEFAULT = 3     # the server's --stream-interval
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models, ray_local):
-    with running_server(tiny_models["qwen3_moe"], workers=1, http_port=0) as s:
+    with running_server(tiny_models["qwen3_moe"], workers=1, http_port=0, stream_interval=DEFAULT) as s:
         yield s
 
 
@@ -33,7 +35,7 @@ def _joined(msgs: list[pb.GenerateResponse]) -> tuple[list[int], str]:
 
 
 @pytest.mark.parametrize("interval, sizes", [
-    (0, [1] * TOKENS),                  # unset: a message per token, as before the field existed
+    (0, [1] + [DEFAULT] * 7 + [2]),     # unset: the server's --stream-interval
     (1, [1] * TOKENS),
     (5, [1, 5, 5, 5, 5, 3]),            # the first at once, then every 5, the rest with the finish
     (TOKENS, [1, TOKENS - 1]),          # the whole completion: two messages
@@ -65,6 +67,11 @@ def test_a_completion_read_whole_over_http_is_the_streamed_one(server):
                                      extra_body={"ignore_eos": True})
     assert done.choices[0].text == _joined(_messages(server, 1))[1]
     assert done.usage.completion_tokens == TOKENS
+    chunks = list(client.completions.create(model=server.config.model, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    # a chunk per --stream-interval tokens (one whose text the detokenizer still holds is skipped)
+    assert 1 < len(chunks) <= 1 + -(-(TOKENS - 1) // DEFAULT)
 
 
 def _delivered(interval: int, tokens: int) -> list[Output]:

@@ -60,8 +60,9 @@ class InferenceServicer:
     """Inference.Generate."""
 
     def __init__(self, engine: Engine, prompts: PromptEncoder, observer: EngineObserver,
-                 deadline: WriteDeadline) -> None:
+                 deadline: WriteDeadline, stream_interval: int = 1) -> None:
         self.engine = engine
+        self.stream_interval = stream_interval   # of a request that leaves its own at 0
         self.prompts = prompts
         self.observer = observer   # counts requests refused before they reach the engine
         self.deadline = deadline   # how long one message may wait for its client to read it
@@ -97,7 +98,7 @@ class InferenceServicer:
             params = sampling_from_proto(request.sampling)
             self.prompts.check_size(request.prompt)   # before a thread is spent on it
             ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, request)
-            req = Request(rid, ids, params, outputs=outputs, stream_interval=max(1, request.stream_interval))
+            req = Request(rid, ids, params, outputs=outputs, stream_interval=request.stream_interval or self.stream_interval)
             self.engine.submit(req)
         except ValueError as exc:
             await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(exc))

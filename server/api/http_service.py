@@ -77,7 +77,7 @@ class HttpApi:
 
     def __init__(self, engine: Engine, encode: Callable[[str], list[int]], observer: EngineObserver,
                  model_id: str, chat: ChatTemplate | None, deadline: WriteDeadline,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, stream_interval: int = 1) -> None:
         self.engine = engine
         self.deadline = deadline
         self._api_key = api_key.encode() if api_key else None
@@ -85,6 +85,7 @@ class HttpApi:
         self.observer = observer   # counts requests refused before they reach the engine
         self.model_id = model_id
         self.chat = chat
+        self.stream_interval = stream_interval   # new tokens per SSE chunk of a stream (--stream-interval)
         self.serving = False       # False until the experts are placed, and again once draining
         self.created = oa.now()
         # tokenizing and template rendering take milliseconds per KB: off the event loop
@@ -192,7 +193,7 @@ class HttpApi:
             outputs = LoopOutputs(loop)
             # a response without `stream` is read whole: its tokens come in one output after the first
             req = Request(uuid.uuid4().hex, ids, params, outputs=outputs,   # type: ignore[arg-type]
-                          stream_interval=1 if common.stream else params.max_tokens)
+                          stream_interval=self.stream_interval if common.stream else params.max_tokens)
             self.engine.submit(req)
             return req, common, outputs
         except ApiError:

@@ -18,6 +18,10 @@ from server.bench.peer import VllmPeer
 
 PROMPT_LEN = 32
 PREFILL_BATCH = 4
+# how our client asks for its tokens (GenerateRequest.stream_interval; 0: max_tokens): "token", a
+# message per token as a chat UI streams them; "whole", each completion after its first token, as
+# vLLM's offline generate (the peer here) returns them
+DELIVERIES = {"token": 1, "whole": 0}
 PHASES = ("attention", "router", "experts", "expert_ffn_on_worker", "lm_head", "inputs", "sample_and_stream",
           "schedule", "step")
 
@@ -59,8 +63,10 @@ def _cpu_ms_per_step(before: dict[str, float], after: dict[str, float], steps: f
 
 
 def bench_server(model: str, workers: int, dtype: str, batches: list[int], tokens: int, vocab: int,
-                 prefill_len: int, client_nice: int = 0) -> tuple[list[dict], list[int]]:
-    """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1."""
+                 prefill_len: int, client_nice: int = 0,
+                 deliveries: tuple[str, ...] = ("token",)) -> tuple[list[dict], list[int]]:
+    """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1.
+    A decode row per delivery (`DELIVERIES`): a message per token, or each completion whole."""
     say(f"starting elasticmoe with {workers} worker(s), {dtype}")
     rows, first = [], []
     name = f"elasticmoe, {workers} worker{'s' if workers > 1 else ''}"
@@ -72,20 +78,22 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
     with ServerProcess(model, workers, *extra) as srv:
         run_batch(srv.address, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
         for b in batches:
-            m0, c0 = srv.metrics(), _cpu_seconds(srv)
-            wall, logs = run_batch(srv.address, _prompts(b, vocab), tokens, client_nice)
-            m1, c1 = srv.metrics(), _cpu_seconds(srv)
-            errors = [log.error for log in logs if log.error]
-            if errors:
-                raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
-            if b == batches[0]:
-                first = logs[0].tokens
-            n = sum(len(log.tokens) for log in logs)
-            phases = _phase_ms(m0, m1)
-            rows.append({"system": name, "dtype": dtype, "kind": "decode", "batch": b, "tokens": n, "seconds": wall,
-                         "tokens_per_s": n / wall, "phases_ms": phases,
-                         "cpu_ms_per_step": _cpu_ms_per_step(c0, c1, phases["steps"])})
-            say(f"  batch {b:3d}: {n / wall:.1f} tok/s")
+            for delivery in deliveries:
+                m0, c0 = srv.metrics(), _cpu_seconds(srv)
+                wall, logs = run_batch(srv.address, _prompts(b, vocab), tokens, client_nice,
+                                       stream_interval=DELIVERIES[delivery] or tokens)
+                m1, c1 = srv.metrics(), _cpu_seconds(srv)
+                errors = [log.error for log in logs if log.error]
+                if errors:
+                    raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
+                if not first:
+                    first = logs[0].tokens
+                n = sum(len(log.tokens) for log in logs)
+                phases = _phase_ms(m0, m1)
+                rows.append({"system": name, "dtype": dtype, "kind": "decode", "batch": b, "delivery": delivery,
+                             "tokens": n, "seconds": wall, "tokens_per_s": n / wall, "phases_ms": phases,
+                             "cpu_ms_per_step": _cpu_ms_per_step(c0, c1, phases["steps"])})
+                say(f"  batch {b:3d}, {delivery:5s}: {n / wall:.1f} tok/s")
         if prefill_len:
             prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
             m0 = srv.metrics()
@@ -198,8 +206,8 @@ def _plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         mine = [r for r in rows if r["dtype"] == dtype and r["kind"] == "decode"]
-        for system in dict.fromkeys(r["system"] for r in mine):
-            pts = [(r["batch"], r["tokens_per_s"]) for r in mine if r["system"] == system]
+        for system in dict.fromkeys(_label(r) for r in mine):
+            pts = [(r["batch"], r["tokens_per_s"]) for r in mine if _label(r) == system]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
         ax.set_xlabel("concurrent streams (batch)")
         ax.set_ylabel("output tokens / s")
@@ -229,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = [d for d in args.dtypes.split(",") if d]
     worker_counts = [int(w) for w in args.workers.split(",")]
+    deliveries = tuple(d for d in args.deliveries.split(",") if d)
+    unknown = [d for d in deliveries if d not in DELIVERIES]
+    if unknown or not deliveries:
+        raise SystemExit(f"--deliveries: {unknown or 'none'}; choose from {', '.join(DELIVERIES)}")
     say(f"{spec.family}: hidden {spec.hidden}, {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
         f"checkpoint {spec.dtype}; served as {dtypes}; batches {batches}, {args.tokens} tokens each, prompts of "
         f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}; our streaming client's threads at nice "
@@ -247,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             before = peer.run() if peer else []
             for w in worker_counts:
                 got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len,
-                                          args.client_nice)
+                                          args.client_nice, deliveries)
                 after = peer.run() if peer else []
                 _bracket(got, before, after)
                 before = after
@@ -268,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print_table(["system", "dtype", "kind", "batch", "tok/s", "x vLLM", "step ms", "attention", "router",
                  "exchange", "expert FFN", "other", "CPU ms/step engine", "workers", "client"],
-                [[r["system"], r["dtype"], r["kind"], r["batch"], r["tokens_per_s"],
+                [[_label(r), r["dtype"], r["kind"], r["batch"], r["tokens_per_s"],
                   "-" if r.get("vs_vllm") is None else f"{r['vs_vllm']:.2f}", *_breakdown(r), *_cpu(r)] for r in rows])
     layers = len(spec.moe_layers)
     floor_ms = {b: 1000 * layers * f for b, f in floors.items()}
@@ -277,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["kind"] == "decode" and r.get("phases_ms") and r["batch"] in floor_ms:
             ex = _breakdown(r)[3]
-            print(f"  {r['system']}, {r['dtype']}, batch {r['batch']}: floor {floor_ms[r['batch']]:.2f}, "
+            print(f"  {_label(r)}, {r['dtype']}, batch {r['batch']}: floor {floor_ms[r['batch']]:.2f}, "
                   f"ours {ex:.2f} ({ex / floor_ms[r['batch']]:.1f}x)")
     print("\ngreedy tokens of prompt 0 (first batch), against transformers' in the same dtype:")
     for name, toks in greedy.items():
@@ -286,11 +298,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {same}")
     write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN,
                            "prefill": {"batch": PREFILL_BATCH, "prompt_len": args.prefill_len}, "results": rows,
-                           "client_nice": args.client_nice,
+                           "client_nice": args.client_nice, "deliveries": DELIVERIES,
                            "exchange_floor_ms_per_step": floor_ms, "greedy_prompt0": greedy, "vllm": peer_info})
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def _label(row: dict) -> str:
+    """The system, and how our client took its tokens where that was measured."""
+    return f"{row['system']} ({row['delivery']})" if row.get("delivery") else row["system"]
 
 
 def _common_prefix(a: list[int], b: list[int]):
