@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--deliveries", default="token,whole",
                    help="decode: how our client takes its tokens, a row each: token (a message per token), "
                         "whole (each completion at once, as vLLM's offline generate returns it)")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="decode: runs of each of our decode rows, in rounds over the batches; a row is their median")
     b.add_argument("--threads", type=int, default=2, help="kernels: OpenMP threads")
     b.add_argument("--repeat", type=int, default=200, help="kernels: timed calls per cell")
     b.add_argument("--minutes", type=float, default=10.0, help="chaos: how long the driver breaks things")

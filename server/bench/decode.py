@@ -63,10 +63,12 @@ def _cpu_ms_per_step(before: dict[str, float], after: dict[str, float], steps: f
 
 
 def bench_server(model: str, workers: int, dtype: str, batches: list[int], tokens: int, vocab: int,
-                 prefill_len: int, client_nice: int = 0,
-                 deliveries: tuple[str, ...] = ("token",)) -> tuple[list[dict], list[int]]:
+                 prefill_len: int, client_nice: int = 0, deliveries: tuple[str, ...] = ("token",),
+                 rounds: int = 1) -> tuple[list[dict], list[int]]:
     """Decode rows (and a prefill row) of one server; and its greedy tokens of prompt 0 at batch 1.
-    A decode row per delivery (`DELIVERIES`): a message per token, or each completion whole."""
+    A decode row per delivery (`DELIVERIES`): a message per token, or each completion whole. Each
+    decode row is the median of `rounds` runs, taken in rounds over every batch and delivery (so
+    that a slow minute of the machine spreads over the rows instead of sinking one)."""
     say(f"starting elasticmoe with {workers} worker(s), {dtype}")
     rows, first = [], []
     name = f"elasticmoe, {workers} worker{'s' if workers > 1 else ''}"
@@ -77,33 +79,50 @@ def bench_server(model: str, workers: int, dtype: str, batches: list[int], token
              "--max-step-tokens", str(max(512, max(batches))), "--worker-cpus", f"{cores / workers:g}"]
     with ServerProcess(model, workers, *extra) as srv:
         run_batch(srv.address, _prompts(2, vocab), 8)   # warm-up: first-touch of weights, JIT paths
-        for b in batches:
-            for delivery in deliveries:
-                m0, c0 = srv.metrics(), _cpu_seconds(srv)
-                wall, logs = run_batch(srv.address, _prompts(b, vocab), tokens, client_nice,
-                                       stream_interval=DELIVERIES[delivery] or tokens)
-                m1, c1 = srv.metrics(), _cpu_seconds(srv)
-                errors = [log.error for log in logs if log.error]
-                if errors:
-                    raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
-                if not first:
-                    first = logs[0].tokens
-                n = sum(len(log.tokens) for log in logs)
-                phases = _phase_ms(m0, m1)
-                rows.append({"system": name, "dtype": dtype, "kind": "decode", "batch": b, "delivery": delivery,
-                             "tokens": n, "seconds": wall, "tokens_per_s": n / wall, "phases_ms": phases,
-                             "cpu_ms_per_step": _cpu_ms_per_step(c0, c1, phases["steps"])})
-                say(f"  batch {b:3d}, {delivery:5s}: {n / wall:.1f} tok/s")
+        runs: dict[tuple[int, str], list[dict]] = {}
+        for _ in range(rounds):
+            for b in batches:
+                for delivery in deliveries:
+                    run, tokens_of_0 = _decode_run(srv, name, dtype, b, delivery, tokens, vocab, client_nice)
+                    runs.setdefault((b, delivery), []).append(run)
+                    first = first or tokens_of_0
+                    say(f"  batch {b:3d}, {delivery:5s}: {run['tokens_per_s']:.1f} tok/s")
+        for got in runs.values():
+            rows.append(dict(_median_run(got), runs_tokens_per_s=[r["tokens_per_s"] for r in got]))
         if prefill_len:
             prompts = _prompts(PREFILL_BATCH, vocab, prefill_len)
-            m0 = srv.metrics()
-            wall, logs = run_batch(srv.address, prompts, 1, client_nice)
-            m1 = srv.metrics()
-            n = sum(len(p) for p in prompts)
-            rows.append({"system": name, "dtype": dtype, "kind": "prefill", "batch": PREFILL_BATCH, "tokens": n,
-                         "seconds": wall, "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)})
-            say(f"  prefill {PREFILL_BATCH} x {prefill_len}: {n / wall:.1f} prompt tok/s")
+            n, got = sum(len(p) for p in prompts), []
+            for _ in range(rounds):
+                m0 = srv.metrics()
+                wall, logs = run_batch(srv.address, prompts, 1, client_nice)
+                m1 = srv.metrics()
+                got.append({"system": name, "dtype": dtype, "kind": "prefill", "batch": PREFILL_BATCH, "tokens": n,
+                            "seconds": wall, "tokens_per_s": n / wall, "phases_ms": _phase_ms(m0, m1)})
+                say(f"  prefill {PREFILL_BATCH} x {prefill_len}: {n / wall:.1f} prompt tok/s")
+            rows.append(dict(_median_run(got), runs_tokens_per_s=[r["tokens_per_s"] for r in got]))
     return rows, first
+
+
+def _decode_run(srv: ServerProcess, name: str, dtype: str, batch: int, delivery: str, tokens: int, vocab: int,
+                client_nice: int) -> tuple[dict, list[int]]:
+    """One decode run of `batch` streams: its row, and the tokens of prompt 0."""
+    m0, c0 = srv.metrics(), _cpu_seconds(srv)
+    wall, logs = run_batch(srv.address, _prompts(batch, vocab), tokens, client_nice,
+                           stream_interval=DELIVERIES[delivery] or tokens)
+    m1, c1 = srv.metrics(), _cpu_seconds(srv)
+    errors = [log.error for log in logs if log.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} streams failed: {errors[:3]}")
+    n = sum(len(log.tokens) for log in logs)
+    phases = _phase_ms(m0, m1)
+    return ({"system": name, "dtype": dtype, "kind": "decode", "batch": batch, "delivery": delivery, "tokens": n,
+             "seconds": wall, "tokens_per_s": n / wall, "phases_ms": phases,
+             "cpu_ms_per_step": _cpu_ms_per_step(c0, c1, phases["steps"])}, logs[0].tokens)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s (the lower of the two middle ones for an even count)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
 
 
 def _peer_job(model: str, dtype: str, batches: list[int], tokens: int, vocab: int, prefill_len: int) -> dict:
@@ -237,13 +256,16 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = [d for d in args.dtypes.split(",") if d]
     worker_counts = [int(w) for w in args.workers.split(",")]
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
     deliveries = tuple(d for d in args.deliveries.split(",") if d)
     unknown = [d for d in deliveries if d not in DELIVERIES]
     if unknown or not deliveries:
         raise SystemExit(f"--deliveries: {unknown or 'none'}; choose from {', '.join(DELIVERIES)}")
     say(f"{spec.family}: hidden {spec.hidden}, {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
         f"checkpoint {spec.dtype}; served as {dtypes}; batches {batches}, {args.tokens} tokens each, prompts of "
-        f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}; our streaming client's threads at nice "
+        f"{PROMPT_LEN}; prefill row {PREFILL_BATCH} x {args.prefill_len}; each of our rows the median of "
+        f"{args.rounds} runs; deliveries {', '.join(deliveries)}; our streaming client's threads at nice "
         f"{args.client_nice} (vLLM runs offline: no client)")
     row_bytes = spec.hidden * 4
     floors = {b: exchange_floor(b * spec.top_k * row_bytes) for b in batches}
@@ -259,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             before = peer.run() if peer else []
             for w in worker_counts:
                 got, first = bench_server(model, w, dtype, batches, args.tokens, spec.vocab_size, args.prefill_len,
-                                          args.client_nice, deliveries)
+                                          args.client_nice, deliveries, args.rounds)
                 after = peer.run() if peer else []
                 _bracket(got, before, after)
                 before = after
@@ -298,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {same}")
     write_json(args.json, {"model": model, "tokens": args.tokens, "prompt_len": PROMPT_LEN,
                            "prefill": {"batch": PREFILL_BATCH, "prompt_len": args.prefill_len}, "results": rows,
-                           "client_nice": args.client_nice, "deliveries": DELIVERIES,
+                           "client_nice": args.client_nice, "deliveries": DELIVERIES, "rounds": args.rounds,
                            "exchange_floor_ms_per_step": floor_ms, "greedy_prompt0": greedy, "vllm": peer_info})
     if args.plot:
         _plot(rows, args.plot)
