@@ -76,12 +76,12 @@ def test_a_completion_read_whole_over_http_is_the_streamed_one(server):
 
 def _delivered(interval: int, tokens: int) -> list[Output]:
     req = Request("r", [1, 2], SamplingParams(max_tokens=tokens), stream_interval=interval)
+    out = []
     for t in range(tokens - 1):
         req.completion += 1            # as the engine counts before it delivers
-        req.deliver(100 + t, f"<{t}>")
-    out = []
-    while not req.outputs.empty():
-        out.append(req.outputs.get())
+        due = req.deliver(100 + t, f"<{t}>")
+        if due is not None:
+            out.append(due)
     out.append(req.take_held())        # what the last output carries ahead of the last token
     return out
 

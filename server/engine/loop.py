@@ -66,6 +66,11 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._pending_count = 0          # requests submitted but not yet taken from the inbox
         self._live: set[str] = set()     # ids submitted and not yet ended (under _pending_lock)
+        # outputs of the last step, handed to the API's event loops once the next step's inputs are
+        # built (or the loop idles): the API's writes then run beside the next step's forward, not
+        # beside its Python bookkeeping (both take the GIL)
+        self._outbox: list[tuple[Request, Output]] = []
+        self._outbox_lock = threading.Lock()
         self._closed = False             # intake closed at shutdown (set once, read without the lock)
         self.expert_load = np.zeros((len(self.spec.moe_layers), self.spec.num_experts), dtype=np.int64)
         # a lost worker stalls stepping (requests keep their KV cache and their place) until the
@@ -165,6 +170,7 @@ class Engine:
         self._drain_inbox()   # requests submitted during the last step get their end too
         for req in list(self._requests.values()):
             self._end(req, "error", error="server shutting down")
+        self._flush()
 
     @property
     def steps(self) -> int:
@@ -218,10 +224,12 @@ class Engine:
             self._drain_inbox()
             self._check_standby()
             if self._lost is not None and self._recovery_overdue():
+                self._flush()
                 continue
             with self.profile("schedule"):
                 plan = self.scheduler.schedule() if self.backend is not None and self._lost is None else []
             if not plan:
+                self._flush()
                 self.observer.on_step(self.scheduler.num_running, self.scheduler.num_waiting,
                                       self.blocks.usage, 0)
                 self._wake.wait(0.05)
@@ -282,6 +290,7 @@ class Engine:
         parts = _split(plan) if self.overlap and len(plan) >= 2 else [plan]
         with prof("inputs"):
             inputs = [self._inputs(part) for part in parts]
+        self._flush()   # the last step's outputs
         plan = [item for part in parts for item in part]
         if self.threads is not None:
             want = self.threads.for_tokens(sum(int(i.input_ids.shape[0]) for i in inputs))
@@ -337,7 +346,9 @@ class Engine:
         elif len(seq.output) >= p.max_tokens:
             self._end(req, "length", [token], text + detok.flush())
         else:
-            req.deliver(token, text)
+            due = req.deliver(token, text)
+            if due is not None:
+                self._post(req, due)
 
     def _end(self, req: Request, finish: str, tokens: list[int] | None = None, text: str = "",
              error: str = "") -> None:
@@ -350,10 +361,22 @@ class Engine:
         self._detok.pop(req.request_id, None)
         self._samplers.pop(req.request_id, None)
         held = req.take_held()   # delivered with the finish; dropped with an error (the stream ends in a status)
-        req.outputs.put(Output(held.token_ids + (tokens or []), held.text + text, finish=finish, error=error,
+        self._post(req, Output(held.token_ids + (tokens or []), held.text + text, finish=finish, error=error,
                                prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion))
         status = {"length": "ok", "stop": "ok", "eos": "ok"}.get(finish, finish)
         self.observer.on_finish(req, status, req.completion)
+
+
+    def _post(self, req: Request, out: Output) -> None:
+        with self._outbox_lock:
+            self._outbox.append((req, out))
+
+    def _flush(self) -> None:
+        """Hand every output posted so far to its stream, in order."""
+        with self._outbox_lock:
+            batch, self._outbox = self._outbox, []
+        for req, out in batch:
+            req.outputs.put(out)
 
 
 def _split(plan: list[Scheduled]) -> list[list[Scheduled]]:

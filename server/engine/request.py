@@ -40,14 +40,15 @@ class Request:
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
 
-    def deliver(self, token: int, text: str) -> None:
-        """Hand one new token (not the last) to the stream, or hold it until `stream_interval` are due."""
+    def deliver(self, token: int, text: str) -> Output | None:
+        """One new token (not the last): the output now due for the stream, or None while it is held
+        until `stream_interval` are due."""
         held = Output(self.held.token_ids + [token], self.held.text + text)
         if self.completion == 1 or len(held.token_ids) >= self.stream_interval:
             self.held = Output([], "")
-            self.outputs.put(held)
-        else:
-            self.held = held
+            return held
+        self.held = held
+        return None
 
     def take_held(self) -> Output:
         """What `deliver` holds back, handed to the last output."""
