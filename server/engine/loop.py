@@ -366,7 +366,6 @@ class Engine:
         status = {"length": "ok", "stop": "ok", "eos": "ok"}.get(finish, finish)
         self.observer.on_finish(req, status, req.completion)
 
-
     def _post(self, req: Request, out: Output) -> None:
         with self._outbox_lock:
             self._outbox.append((req, out))

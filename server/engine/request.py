@@ -34,7 +34,9 @@ class Request:
     first_token: float | None = None
     last_token: float | None = None
     completion: int = 0
-    held: Output = field(default_factory=lambda: Output([], ""))   # tokens (and their text) not delivered yet
+    # tokens (and their text) not delivered yet: appended to, so holding N tokens costs N, not N^2
+    _held_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    _held_text: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.stream_interval < 1:
@@ -43,16 +45,16 @@ class Request:
     def deliver(self, token: int, text: str) -> Output | None:
         """One new token (not the last): the output now due for the stream, or None while it is held
         until `stream_interval` are due."""
-        held = Output(self.held.token_ids + [token], self.held.text + text)
-        if self.completion == 1 or len(held.token_ids) >= self.stream_interval:
-            self.held = Output([], "")
-            return held
-        self.held = held
+        self._held_ids.append(token)
+        self._held_text.append(text)
+        if self.completion == 1 or len(self._held_ids) >= self.stream_interval:
+            return self.take_held()
         return None
 
     def take_held(self) -> Output:
-        """What `deliver` holds back, handed to the last output."""
-        held, self.held = self.held, Output([], "")
+        """What `deliver` holds back (handed to the last output), and nothing held from then on."""
+        held = Output(self._held_ids, "".join(self._held_text))
+        self._held_ids, self._held_text = [], []
         return held
 
 
